@@ -1,0 +1,1 @@
+"""MLP-Mixer in JAX/Flax."""

@@ -1,0 +1,222 @@
+"""MLP-Mixer (Tolstikhin et al., 2021) as a Flax linen module.
+
+The parameter tree is exactly the one of Google's released `.npz` checkpoints
+(`gs://mixer_models/...`), so released weights load without renaming:
+
+  stem/{kernel,bias}                                   Conv, kernel HWIO, stride = patch
+  MixerBlock_{i}/LayerNorm_0/{scale,bias}
+  MixerBlock_{i}/token_mixing/Dense_{0,1}/{kernel,bias}
+  MixerBlock_{i}/LayerNorm_1/{scale,bias}
+  MixerBlock_{i}/channel_mixing/Dense_{0,1}/{kernel,bias}
+  pre_head_layer_norm/{scale,bias}
+  head/{kernel,bias}                                   kernel initialised to zeros
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`), so
+the trainer shards it by the rules of `mixer.sharding`; `nn.unbox` gives the
+plain arrays that `mixer.checkpoint` reads and writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Logical axis names used by the parameters and activations below. The rules that
+# map them onto mesh axes live in `mixer.sharding` (and in each config).
+BATCH = 'batch'
+EMBED = 'embed'              # hidden_dim C: the channels of every token
+TOKENS = 'tokens'            # the sequence S of patches
+TOKEN_MLP = 'token_mlp'      # hidden width D_S of the token-mixing MLPs
+CHANNEL_MLP = 'channel_mlp'  # hidden width D_C of the channel-mixing MLPs
+CLASSES = 'classes'
+CONV_SPATIAL = 'conv_spatial'
+CONV_IN = 'conv_in'
+
+
+def _partitioned(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> Dense, with dropout after each dense layer's activation (timm style)."""
+  mlp_dim: int
+  in_axis: str
+  hidden_axis: str
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    out_dim = x.shape[-1]
+    kernel_init = nn.initializers.lecun_normal()
+    zeros = nn.initializers.zeros
+    y = nn.Dense(
+        self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=_partitioned(kernel_init, (self.in_axis, self.hidden_axis)),
+        bias_init=_partitioned(zeros, (self.hidden_axis,)))(x)
+    # Flax's default GELU is the tanh approximation, as in the released models.
+    y = nn.gelu(y)
+    y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    y = nn.Dense(
+        out_dim, dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=_partitioned(kernel_init, (self.hidden_axis, self.in_axis)),
+        bias_init=_partitioned(zeros, (self.in_axis,)))(y)
+    return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+
+
+def _layer_norm(dtype, name=None):
+  return nn.LayerNorm(
+      epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name,
+      scale_init=_partitioned(nn.initializers.ones, (EMBED,)),
+      bias_init=_partitioned(nn.initializers.zeros, (EMBED,)))
+
+
+class StochasticDepth(nn.Module):
+  """Drops a whole residual branch per example with probability `rate` (train only).
+
+  Kept branches are scaled by 1/(1-rate) (as timm's DropPath and dropout do) so the
+  branch has the same expected value at training and at evaluation time.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, mask_shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class MixerBlock(nn.Module):
+  """One Mixer layer: token mixing then channel mixing, each pre-LayerNorm and residual."""
+  tokens_mlp_dim: int
+  channels_mlp_dim: int
+  dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    y = _layer_norm(self.dtype)(x)
+    y = jnp.swapaxes(y, 1, 2)  # [N, C, S]: the token MLP mixes along S.
+    y = MlpBlock(self.tokens_mlp_dim, TOKENS, TOKEN_MLP, self.dropout_rate,
+                 self.dtype, name='token_mixing')(y, train=train)
+    y = jnp.swapaxes(y, 1, 2)
+    x = x + StochasticDepth(self.drop_path_rate)(y, train=train)
+    x = nn.with_logical_constraint(x, (BATCH, None, None))
+    y = _layer_norm(self.dtype)(x)
+    y = MlpBlock(self.channels_mlp_dim, EMBED, CHANNEL_MLP, self.dropout_rate,
+                 self.dtype, name='channel_mixing')(y, train=train)
+    x = x + StochasticDepth(self.drop_path_rate)(y, train=train)
+    return nn.with_logical_constraint(x, (BATCH, None, None))
+
+
+class MlpMixer(nn.Module):
+  """MLP-Mixer classifier.
+
+  `apply({'params': p}, images, train=False)` takes NHWC float images in [-1, 1]
+  (height and width divisible by `patch_size`) and returns logits
+  `[N, num_classes]`; with `num_classes=0`, or `return_prelogits=True`, it returns
+  the pre-logits: the mean over tokens after the pre-head LayerNorm, `[N, hidden_dim]`.
+
+  `dtype` is the compute dtype (e.g. bfloat16); parameters always stay float32.
+  Stochastic depth rises linearly per block from 0 (first block) to
+  `stoch_depth` (last block) and, like dropout, is active only with
+  `train=True` and needs the `'dropout'` rng.
+  """
+  num_classes: int
+  patch_size: int
+  hidden_dim: int
+  num_blocks: int
+  tokens_mlp_dim: int
+  channels_mlp_dim: int
+  dropout_rate: float = 0.0
+  stoch_depth: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, return_prelogits: bool = False):
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f'MlpMixer expects NHWC RGB images, got shape {images.shape}.')
+    height, width = images.shape[1:3]
+    if height % self.patch_size or width % self.patch_size:
+      raise ValueError(
+          f'Image size {height}x{width} is not divisible by the patch size '
+          f'{self.patch_size}: resize the images (e.g. config.image_size) to a multiple of it.')
+    p = self.patch_size
+    x = nn.Conv(
+        self.hidden_dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+        param_dtype=jnp.float32, name='stem',
+        kernel_init=_partitioned(nn.initializers.lecun_normal(),
+                                 (CONV_SPATIAL, CONV_SPATIAL, CONV_IN, EMBED)),
+        bias_init=_partitioned(nn.initializers.zeros, (EMBED,)))(images.astype(self.dtype))
+    n, h, w, c = x.shape
+    x = jnp.reshape(x, (n, h * w, c))  # Tokens in raster (row-major) order.
+    x = nn.with_logical_constraint(x, (BATCH, None, None))
+    for i in range(self.num_blocks):
+      rate = self.stoch_depth * i / max(self.num_blocks - 1, 1)
+      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, self.dropout_rate,
+                     rate, self.dtype, name=f'MixerBlock_{i}')(x, train=train)
+    x = _layer_norm(self.dtype, name='pre_head_layer_norm')(x)
+    x = jnp.mean(x, axis=1)
+    if self.num_classes == 0 or return_prelogits:
+      return x.astype(jnp.float32)
+    logits = nn.Dense(
+        self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='head',
+        kernel_init=_partitioned(nn.initializers.zeros, (EMBED, CLASSES)),
+        bias_init=_partitioned(nn.initializers.zeros, (CLASSES,)))(x)
+    return logits.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  patch_size: int
+  hidden_dim: int
+  num_blocks: int
+  tokens_mlp_dim: int
+  channels_mlp_dim: int
+
+
+_SIZES = {  # Table 1 of the paper: (hidden C, blocks, D_S, D_C).
+    'S': (512, 8, 256, 2048),
+    'B': (768, 12, 384, 3072),
+    'L': (1024, 24, 512, 4096),
+    'H': (1280, 32, 640, 5120),
+}
+_NAMES = ('Mixer-S_32', 'Mixer-S_16', 'Mixer-S_8', 'Mixer-B_32', 'Mixer-B_16',
+          'Mixer-L_32', 'Mixer-L_16', 'Mixer-H_14')
+
+
+def _variant(name: str) -> Variant:
+  size, patch = name[len('Mixer-'):].split('_')
+  hidden, blocks, tokens_mlp, channels_mlp = _SIZES[size]
+  return Variant(int(patch), hidden, blocks, tokens_mlp, channels_mlp)
+
+
+VARIANTS: dict[str, Variant] = {name: _variant(name) for name in _NAMES}
+
+
+def get_model(name: str, **overrides) -> MlpMixer:
+  """Returns the paper's variant `name` (e.g. 'Mixer-B_16'), with fields overridden.
+
+  `num_classes` must be given (0 for a head-less feature extractor). Overrides
+  set to None keep the variant's value, so configs can pass every field.
+  """
+  if name not in VARIANTS:
+    raise ValueError(f'Unknown model {name!r}; known models: {", ".join(VARIANTS)}.')
+  fields = dataclasses.asdict(VARIANTS[name])
+  valid = set(fields) | {f.name for f in dataclasses.fields(MlpMixer)
+                         if f.name not in ('parent', 'name')}
+  unknown = set(overrides) - valid
+  if unknown:
+    raise ValueError(f'Unknown MlpMixer field(s) {sorted(unknown)}; valid: {sorted(valid)}.')
+  fields.update({k: v for k, v in overrides.items() if v is not None})
+  if 'num_classes' not in fields:
+    raise ValueError(f'get_model({name!r}) needs num_classes (0 for pre-logits only).')
+  return MlpMixer(**fields)

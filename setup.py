@@ -1,0 +1,36 @@
+"""Installs the `mixer` package: MLP-Mixer training, fine-tuning and released-weight tools."""
+
+import pathlib
+
+import setuptools
+
+_HERE = pathlib.Path(__file__).parent
+
+
+def _read_requirements(name):
+  lines = (_HERE / name).read_text().splitlines()
+  return [l.split('#')[0].strip() for l in lines if l.split('#')[0].strip()]
+
+
+_RUNTIME = _read_requirements('requirements.txt')
+_JAX_VERSION = next(r.split('==')[1] for r in _RUNTIME if r.startswith('jax=='))
+
+setuptools.setup(
+    name='mixer',
+    version='0.1.0',
+    description='JAX/Flax framework for MLP-Mixer: the paper recipe on TPU pods, GPUs and CPUs.',
+    long_description=(_HERE / 'README.md').read_text(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.11',
+    packages=setuptools.find_packages(include=['mixer', 'mixer.*']),
+    package_data={'mixer': ['data/*.txt']},
+    include_package_data=True,
+    install_requires=_RUNTIME,
+    extras_require={
+        'dev': _read_requirements('requirements-dev.txt'),
+        # Same jax version as the CPU stack, with the accelerator runtime.
+        'tpu': [f'jax[tpu]=={_JAX_VERSION}'],
+        'gpu': [f'jax[cuda12]=={_JAX_VERSION}'],
+    },
+    license='Apache-2.0',
+)
