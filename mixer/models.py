@@ -33,7 +33,8 @@ TOKENS = 'tokens'            # the sequence S of patches
 TOKEN_MLP = 'token_mlp'      # hidden width D_S of the token-mixing MLPs
 CHANNEL_MLP = 'channel_mlp'  # hidden width D_C of the channel-mixing MLPs
 CLASSES = 'classes'
-CONV_SPATIAL = 'conv_spatial'
+CONV_HEIGHT = 'conv_height'
+CONV_WIDTH = 'conv_width'
 CONV_IN = 'conv_in'
 
 
@@ -154,7 +155,7 @@ class MlpMixer(nn.Module):
         self.hidden_dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
         param_dtype=jnp.float32, name='stem',
         kernel_init=_partitioned(nn.initializers.lecun_normal(),
-                                 (CONV_SPATIAL, CONV_SPATIAL, CONV_IN, EMBED)),
+                                 (CONV_HEIGHT, CONV_WIDTH, CONV_IN, EMBED)),
         bias_init=_partitioned(nn.initializers.zeros, (EMBED,)))(images.astype(self.dtype))
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))  # Tokens in raster (row-major) order.

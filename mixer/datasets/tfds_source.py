@@ -1,0 +1,116 @@
+"""TFDS datasets (imagenet2012, imagenet2012_real, cifar10, ...) as a DataSource.
+
+Datasets are read from `data_dir` with download disabled: preparing them is a
+separate, explicit step (see docs/input_pipeline.md), and an unprepared
+dataset is an error that says how to prepare it. Each process reads
+`tfds.even_splits(split, process_count)[process_index]`, files in a fixed
+order (`shuffle_files=False`); images stay encoded (`SkipDecoding`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mixer.datasets import core
+
+# Keys tried, in order, for the class label. imagenet2012_real keeps the
+# original ImageNet label in 'original_label' and the ReaL labels in 'real_label'.
+_LABEL_KEYS = ('label', 'original_label', 'labels')
+
+
+def _prepare_hint(name: str, data_dir: str | None) -> str:
+  where = data_dir or '~/tensorflow_datasets'
+  if name.startswith('imagenet2012'):
+    manual = (f' after placing ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in '
+              f'{where}/downloads/manual (or pass --manual_dir)')
+  else:
+    manual = ''
+  return (f'Prepare it once{manual}: `tfds build {name} --data_dir={where}` (or '
+          f'`python -m tensorflow_datasets.scripts.download_and_prepare '
+          f'--datasets={name} --data_dir={where}`), then set config.data_dir={where!r}.')
+
+
+class TfdsSource(core.DataSource):
+  """A TFDS dataset; `builder` may be given directly (e.g. our imagenet21k)."""
+
+  def __init__(self, name: str, data_dir: str | None,
+               builder: tfds.core.DatasetBuilder | None = None):
+    self.name = name
+    self._data_dir = data_dir
+    if builder is None:
+      try:
+        builder = tfds.builder(name, data_dir=data_dir)
+      except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(
+            f'Unknown dataset {name!r}: it is neither a TFDS dataset nor one of '
+            "'digits', 'imagenet21k', 'imagefolder:<root>', 'tfrecord:<glob>'. "
+            'Fix config.dataset (TFDS names are lower_case, e.g. imagenet2012).') from e
+    self._builder = builder
+    features = builder.info.features
+    if 'image' not in features:
+      raise ValueError(f'TFDS dataset {name!r} has no "image" feature '
+                       f'(features: {list(features)}); it cannot be used for image '
+                       'classification.')
+    self._label_key = next((k for k in _LABEL_KEYS if k in features), None)
+    if self._label_key is None:
+      raise ValueError(f'TFDS dataset {name!r} has none of the label features '
+                       f'{_LABEL_KEYS} (features: {list(features)}).')
+    self.has_real_labels = 'real_label' in features
+
+  @property
+  def num_classes(self) -> int | None:
+    feature = self._builder.info.features[self._label_key]
+    if isinstance(feature, tfds.features.Sequence):
+      feature = feature.feature
+    return getattr(feature, 'num_classes', None)
+
+  def _process_split(self, split, process_index, process_count):
+    core.shard_bounds(0, process_index, process_count)  # Validates the index.
+    if process_count == 1:
+      return split
+    return tfds.even_splits(split, process_count)[process_index]
+
+  @functools.lru_cache(maxsize=None)
+  def _as_dataset(self, split, process_index, process_count) -> tf.data.Dataset:
+    try:
+      return self._builder.as_dataset(
+          split=self._process_split(split, process_index, process_count),
+          shuffle_files=False,  # A fixed order: determinism and resume need it.
+          decoders={'image': tfds.decode.SkipDecoding()},
+          read_config=tfds.ReadConfig(skip_prefetch=True, try_autocache=False,
+                                      add_tfds_id=True))
+    except AssertionError as e:  # TFDS's "could not find data in ..." error.
+      raise FileNotFoundError(
+          f'TFDS dataset {self.name!r} is not prepared in data_dir='
+          f'{self._builder.data_dir!r}. {_prepare_hint(self.name, self._data_dir)}'
+      ) from e
+    except (KeyError, ValueError) as e:
+      splits = list(self._builder.info.splits) or 'unknown'
+      raise ValueError(f'Cannot read split {split!r} of {self.name!r}: {e}. '
+                       f'Available splits: {splits}.') from e
+
+  def num_examples(self, split, *, process_index=0, process_count=1) -> int:
+    ds = self._as_dataset(split, process_index, process_count)
+    count = int(ds.cardinality())
+    if count >= 0:
+      return count
+    # TFDS normally knows the size; count encoded records only as a fallback.
+    return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+
+  def read(self, split, *, process_index=0, process_count=1) -> tf.data.Dataset:
+    label_key = self._label_key
+    has_real = self.has_real_labels
+
+    def convert(example):
+      out = {'image': example['image'],
+             'label': core.ensure_rank1_labels(example[label_key]),
+             'source_id': example['tfds_id']}
+      if has_real:
+        out['real_label'] = core.ensure_rank1_labels(example['real_label'])
+      return out
+
+    ds = self._as_dataset(split, process_index, process_count)
+    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)

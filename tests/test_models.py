@@ -1,0 +1,187 @@
+"""Tests of mixer.models: the paper's sizes, the released layout, and the maths.
+
+The forward pass is checked against a second implementation written here in
+plain float64 numpy straight from the paper's equations, on real photos.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import traverse_util
+from PIL import Image
+from sklearn.datasets import load_sample_images
+
+from mixer import models
+
+# Paper Table 1 (exact counts in paper-and-weights.md §2.1): head-less, at 224 px.
+_TABLE_1_HEADLESS = {
+    'Mixer-S_32': 18_591_624,
+    'Mixer-S_16': 18_015_264,
+    'Mixer-B_32': 59_524_428,
+    'Mixer-B_16': 59_111_472,
+    'Mixer-L_32': 205_914_264,
+    'Mixer-L_16': 207_171_168,
+    'Mixer-H_14': 431_069_952,
+}
+# `gsutil ls -lh gs://mixer_models/gsam/Mixer-S_8.npz` (1000-class head).
+_GSAM_S8_FILE_MIB = 78.79
+
+
+def _param_shapes(model, image_size):
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+  return nn.meta.unbox(variables['params'])
+
+
+def _count(tree):
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize('name', sorted(_TABLE_1_HEADLESS))
+def test_headless_param_count_matches_table_1(name):
+  model = models.get_model(name, num_classes=0)
+  assert _count(_param_shapes(model, 224)) == _TABLE_1_HEADLESS[name]
+
+
+def test_s8_with_head_matches_released_gsam_file_size():
+  params = _param_shapes(models.get_model('Mixer-S_8', num_classes=1000), 224)
+  mib = _count(params) * 4 / 2**20  # float32
+  # gsutil rounds to 0.01 MiB; the npz adds a few hundred bytes of headers per array.
+  assert _GSAM_S8_FILE_MIB - 0.06 < mib <= _GSAM_S8_FILE_MIB + 0.005
+
+
+def _released_layout(num_blocks, hidden, tokens, tokens_mlp, channels_mlp, patch, classes):
+  """Key -> shape of a released file, written out from its listing (reference §1.7)."""
+  layout = {
+      'stem/kernel': (patch, patch, 3, hidden), 'stem/bias': (hidden,),
+      'pre_head_layer_norm/scale': (hidden,), 'pre_head_layer_norm/bias': (hidden,),
+      'head/kernel': (hidden, classes), 'head/bias': (classes,),
+  }
+  for i in range(num_blocks):
+    block = f'MixerBlock_{i}'
+    for norm in ('LayerNorm_0', 'LayerNorm_1'):
+      layout[f'{block}/{norm}/scale'] = layout[f'{block}/{norm}/bias'] = (hidden,)
+    layout[f'{block}/token_mixing/Dense_0/kernel'] = (tokens, tokens_mlp)
+    layout[f'{block}/token_mixing/Dense_0/bias'] = (tokens_mlp,)
+    layout[f'{block}/token_mixing/Dense_1/kernel'] = (tokens_mlp, tokens)
+    layout[f'{block}/token_mixing/Dense_1/bias'] = (tokens,)
+    layout[f'{block}/channel_mixing/Dense_0/kernel'] = (hidden, channels_mlp)
+    layout[f'{block}/channel_mixing/Dense_0/bias'] = (channels_mlp,)
+    layout[f'{block}/channel_mixing/Dense_1/kernel'] = (channels_mlp, hidden)
+    layout[f'{block}/channel_mixing/Dense_1/bias'] = (hidden,)
+  return layout
+
+
+def test_param_tree_is_exactly_the_released_layout():
+  params = _param_shapes(models.get_model('Mixer-B_16', num_classes=1000), 224)
+  flat = traverse_util.flatten_dict(params, sep='/')
+  expected = _released_layout(12, 768, 196, 384, 3072, 16, 1000)
+  assert len(expected) == 150
+  assert {k: tuple(v.shape) for k, v in flat.items()} == expected
+  assert all(v.dtype == jnp.float32 for v in flat.values())
+
+
+def test_unknown_model_name_lists_the_known_names():
+  with pytest.raises(ValueError, match='Mixer-B_16') as info:
+    models.get_model('Mixer-X_16', num_classes=10)
+  assert all(name in str(info.value) for name in models.VARIANTS)
+
+
+# --- An independent forward pass (paper Eq. 1), float64 numpy --------------------------
+
+
+def _layer_norm(x, norm):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + 1e-6) * norm['scale'] + norm['bias']
+
+
+def _gelu_tanh(x):
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def _mlp(x, mlp):
+  hidden = _gelu_tanh(x @ mlp['Dense_0']['kernel'] + mlp['Dense_0']['bias'])
+  return hidden @ mlp['Dense_1']['kernel'] + mlp['Dense_1']['bias']
+
+
+def _numpy_mixer(params, images):
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  images = np.asarray(images, np.float64)
+  n, height, width, _ = images.shape
+  patch = p['stem']['kernel'].shape[0]
+  # Non-overlapping patches in raster order, each flattened as (row, col, rgb).
+  patches = images.reshape(n, height // patch, patch, width // patch, patch, 3)
+  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(n, -1, patch * patch * 3)
+  x = patches @ p['stem']['kernel'].reshape(-1, p['stem']['kernel'].shape[-1]) + p['stem']['bias']
+  block = 0
+  while f'MixerBlock_{block}' in p:
+    b = p[f'MixerBlock_{block}']
+    # U = X + W2 σ(W1 LN(X)) along tokens; Y = U + W4 σ(W3 LN(U)) along channels.
+    x = x + _mlp(_layer_norm(x, b['LayerNorm_0']).transpose(0, 2, 1),
+                 b['token_mixing']).transpose(0, 2, 1)
+    x = x + _mlp(_layer_norm(x, b['LayerNorm_1']), b['channel_mixing'])
+    block += 1
+  pooled = _layer_norm(x, p['pre_head_layer_norm']).mean(axis=1)
+  return pooled @ p['head']['kernel'] + p['head']['bias']
+
+
+def _random_params(shapes, seed):
+  """Non-zero float32 params (head included) that keep activations O(1)."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == 'kernel':
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      value = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
+    elif name == 'scale':
+      value = 1.0 + 0.2 * rng.standard_normal(leaf.shape)
+    else:
+      value = 0.2 * rng.standard_normal(leaf.shape)
+    return value.astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _sample_photos(size):
+  """sklearn's china.jpg and flower.jpg (427x640), resized to size² and put in [-1, 1]."""
+  photos = [Image.fromarray(p).resize((size, size), Image.Resampling.BILINEAR)
+            for p in load_sample_images().images]
+  return (np.stack([np.asarray(p, np.float32) for p in photos]) - 127.5) / 127.5
+
+
+def _relative_error(actual, expected):
+  return np.linalg.norm(np.asarray(actual, np.float64) - expected) / np.linalg.norm(expected)
+
+
+@pytest.mark.parametrize('model_kwargs, image_size', [
+    (dict(num_classes=7, patch_size=8, hidden_dim=32, num_blocks=3, tokens_mlp_dim=24,
+          channels_mlp_dim=64), 64),
+    (dict(name='Mixer-S_32', num_classes=1000), 224),
+], ids=['small', 'S_32'])
+def test_forward_matches_independent_numpy_implementation(model_kwargs, image_size):
+  kwargs = dict(model_kwargs)
+  name = kwargs.pop('name', None)
+  model = models.get_model(name, **kwargs) if name else models.MlpMixer(**kwargs)
+  params = _random_params(_param_shapes(model, image_size), seed=0)
+  photos = _sample_photos(image_size)
+  logits = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(params, photos)
+  expected = _numpy_mixer(params, photos)
+  assert logits.shape == (2, kwargs['num_classes'])
+  assert np.std(expected) > 0.1  # Not a degenerate comparison of near-zero logits.
+  assert _relative_error(logits, expected) < 1e-5
+
+
+def test_prelogits_are_pooled_features():
+  model = models.MlpMixer(num_classes=3, patch_size=4, hidden_dim=8, num_blocks=1,
+                          tokens_mlp_dim=4, channels_mlp_dim=16)
+  params = _random_params(_param_shapes(model, 16), seed=1)
+  images = _sample_photos(16)
+  features = model.apply({'params': params}, images, train=False, return_prelogits=True)
+  logits = model.apply({'params': params}, images, train=False)
+  assert features.shape == (2, 8)
+  np.testing.assert_allclose(
+      features @ params['head']['kernel'] + params['head']['bias'], logits, rtol=1e-5, atol=1e-5)
