@@ -39,11 +39,18 @@ Local debug run (tiny model trained from scratch on 'digits': no weights needed)
 
   python -m mixer.main --config=configs/finetune_cifar10.py:runlocal --workdir=/tmp/ft_local
 
+Weights: the loader reads local files only. Fetch the released ones first, on
+every host of a pod (in ~/mixer, the directory the run starts in):
+
+  launch/tpu_pod.sh ssh 'cd ~/mixer && mkdir -p mixer_models/imagenet21k && curl -sSf \
+    -o mixer_models/imagenet21k/Mixer-B_16.npz \
+    https://storage.googleapis.com/mixer_models/imagenet21k/Mixer-B_16.npz'
+
 Arguments after the colon, comma-separated:
   variant=B_16|L_16|...   model (default B_16); any name of mixer.models.
   lr=0.03          peak learning rate (grid {0.003, 0.01, 0.03, 0.06}).
-  init=PATH        released-format .npz (default
-                   gs://mixer_models/imagenet21k/Mixer-<variant>.npz).
+  init=PATH        released-format .npz, a local file (default
+                   mixer_models/imagenet21k/Mixer-<variant>.npz, see "Weights").
   runlocal         shrink model, data, batch and steps for a laptop CPU (no init).
 
 Steps: the paper's fixed 10,000 steps at batch 512 = 5.12M images, ~104 epochs
@@ -52,10 +59,12 @@ of 'train[:98%]' (49,000 images).
 
 import ml_collections
 
-from mixer import config_lib
-from mixer import models
+from mixer import config_lib, models
 
 _BATCH = 512
+# Local copies of gs://mixer_models/..., relative to the directory the run starts
+# in (the repository root with launch/run_on_host.sh); see "Weights" above.
+_WEIGHTS_DIR = 'mixer_models'
 
 
 def _parse_arg(arg, **defaults):
@@ -104,7 +113,7 @@ def get_config(arg=None):
   config.model.dropout_rate = 0.0
   config.model.stoch_depth = 0.0
   config.model_dtype = 'bfloat16'
-  config.init_from = arg.init or f'gs://mixer_models/imagenet21k/{name}.npz'
+  config.init_from = arg.init or f'{_WEIGHTS_DIR}/imagenet21k/{name}.npz'
   config.init_from_image_size = 224
   config.init_head = 'replace'
   config.init_head_bias = 0.0
@@ -121,7 +130,7 @@ def get_config(arg=None):
   config.grad_clip_norm = 1.0
   config.grad_accum_steps = 1  # 8 on a single GPU host, as vision_transformer does.
 
-  config.mesh = dict(data=-1, fsdp=1, model=1)
+  config.mesh = {'data': -1, 'fsdp': 1, 'model': 1}
 
   config.log_every = 50
   config.eval_every = 1_000

@@ -110,7 +110,7 @@ def get_config(arg=None):
   config.mu_dtype = 'bfloat16'  # Halves Adam's first moment, as big_vision does.
 
   # Pure data parallelism: B/16 with Adam state is ~1 GB, far below a core's HBM.
-  config.mesh = dict(data=-1, fsdp=1, model=1)
+  config.mesh = {'data': -1, 'fsdp': 1, 'model': 1}
 
   config.log_every = 50
   config.eval_every = 2_500

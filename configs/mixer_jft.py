@@ -24,8 +24,10 @@ exported .npz). S_8 (a released GSAM size) is not in the paper's JFT table and i
 not offered here.
 
 Data: `dataset='tfrecord:<glob>'`, a glob with a `{split}` placeholder. The
-default reads `<tfrecords>/train-*` and `<tfrecords>/validation-*`; point
-`tfrecords=` at your copy (or set --config.dataset directly). `data_dir` stays
+default reads `<tfrecords>/train-*.tfrecord` and
+`<tfrecords>/validation-*.tfrecord` (the names `python -m
+mixer.datasets.write_tfrecords` gives; schema in mixer/datasets/tfrecord.py);
+point `tfrecords=` at your copy (or set --config.dataset directly). `data_dir` stays
 the TFDS directory of the few-shot datasets.
 
 Launch on a TPU VM pod slice from your workstation (see launch/README.md):
@@ -48,7 +50,7 @@ Local debug run (tiny model, the embedded 'digits' data instead of TFRecords):
 Arguments after the colon, comma-separated:
   variant=S_32|S_16|B_32|B_16|L_32|L_16|H_14   model (default B_16).
   epochs=N     override the table's epochs (e.g. epochs=14 for L_16).
-  tfrecords=DIR   directory holding `{split}-*` TFRecord shards.
+  tfrecords=DIR   directory holding `{split}-*.tfrecord` shards (local or gs://).
   runlocal     shrink model, data, batch and steps for a laptop CPU.
 
 Steps: total_steps = epochs * 303,000,000 images / 4096, with 303M the size of
@@ -114,7 +116,7 @@ def get_config(arg=None):
   epochs = arg.epochs or epochs
   config = config_lib.base_config()
 
-  config.dataset = f'tfrecord:{arg.tfrecords.rstrip("/")}/{{split}}-*'
+  config.dataset = f'tfrecord:{arg.tfrecords.rstrip("/")}/{{split}}-*.tfrecord'
   config.train_split = 'train'
   config.eval_split = 'validation'
   config.image_size = 224
@@ -151,7 +153,7 @@ def get_config(arg=None):
   # Pure data parallelism fits every size on 16 GB v3 cores (H/14: 431M params,
   # ~6 GB with grads and bf16-mu Adam state). Shard params and optimizer state
   # with --config.mesh.fsdp=N where activations need the room.
-  config.mesh = dict(data=-1, fsdp=1, model=1)
+  config.mesh = {'data': -1, 'fsdp': 1, 'model': 1}
 
   config.log_every = 50
   config.eval_every = 10_000

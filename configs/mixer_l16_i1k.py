@@ -115,7 +115,7 @@ def get_config(arg=None):
   # Pure data parallelism: L/16 params + grads + Adam state (bf16 mu) are
   # ~2.9 GB, well inside a v3 core's 16 GB. Use --config.mesh.fsdp=N to shard
   # them on smaller-memory devices.
-  config.mesh = dict(data=-1, fsdp=1, model=1)
+  config.mesh = {'data': -1, 'fsdp': 1, 'model': 1}
 
   config.log_every = 50
   config.eval_every = 2_500

@@ -22,8 +22,10 @@ configs/finetune_imagenet.py):
 The paper estimates 0.41k TPU-v3 core-days (Table 3), ~3.2 days on a v3-128.
 
 Data: 'imagenet21k' is this project's TFDS builder (ImageNet-21k is not in the
-public TFDS catalogue); prepare it into the data_dir first. It has one 'train'
-split; like big_vision we hold out its first 51,200 images as a minival.
+public TFDS catalogue): prepare it into the data_dir first with
+`python -m mixer.datasets.prepare imagenet21k --data_dir=... --manual_dir=...`
+(see mixer/datasets/imagenet21k.py). Its 'validation' split is a fixed ~1% of
+the images (by file-name hash); 'train' is the rest.
 
 Launch on a TPU VM pod slice from your workstation (see launch/README.md):
 
@@ -43,8 +45,10 @@ Local debug run (tiny model, the embedded 'digits' data, CPU, about a minute):
 Arguments after the colon: `runlocal` (shrink model, data, batch and steps for
 a laptop CPU; everything else is the recipe above).
 
-Steps: total_steps = 300 epochs * 14,145,922 images / 4096 = 1,036,078, where
-14,145,922 = 14,197,122 (the fall 2011 ImageNet-21k release) - 51,200 (minival).
+Steps: total_steps = 300 epochs * 14,055,150 images / 4096 = 1,029,429, where
+14,055,150 = 99% of the 14,197,122 images of the fall 2011 ImageNet-21k release
+(the builder's 'train'; the exact count depends on the hash split and on the few
+undecodable files skipped, within ~0.1%).
 """
 
 import ml_collections
@@ -56,8 +60,8 @@ _RANDAUG_MAGNITUDE = 20
 _MIXUP = 0.5
 _EPOCHS = 300
 _BATCH = 4096
-_MINIVAL_IMAGES = 51_200
-_TRAIN_IMAGES = 14_197_122 - _MINIVAL_IMAGES  # ImageNet-21k fall 2011 release.
+# ~99% of the fall 2011 release's 14,197,122 images: the builder's 'train' split.
+_TRAIN_IMAGES = 14_197_122 * 99 // 100
 
 # Few-shot linear probes on frozen pre-logits (paper §3 "Metrics"), as in
 # big_vision's common_fewshot: name -> (TFDS name, train split, test split).
@@ -96,8 +100,8 @@ def get_config(arg=None):
   config = config_lib.base_config()
 
   config.dataset = 'imagenet21k'
-  config.train_split = f'train[{_MINIVAL_IMAGES}:]'
-  config.eval_split = f'train[:{_MINIVAL_IMAGES}]'
+  config.train_split = 'train'
+  config.eval_split = 'validation'
   config.image_size = 224
   config.num_classes = 21843  # The class count of Google's released i21k heads.
   config.batch_size = _BATCH
@@ -132,7 +136,7 @@ def get_config(arg=None):
   # Pure data parallelism: L/16 params + grads + Adam state (bf16 mu) are
   # ~2.9 GB plus a 21843-class head (22M params), well inside a v3 core's 16 GB.
   # On smaller-memory devices shard them with --config.mesh.fsdp=N (N | devices).
-  config.mesh = dict(data=-1, fsdp=1, model=1)
+  config.mesh = {'data': -1, 'fsdp': 1, 'model': 1}
 
   config.log_every = 50
   config.eval_every = 10_000

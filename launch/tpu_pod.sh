@@ -56,13 +56,15 @@ create() {
 copy() {
   # Ship the working tree as one tarball: no .venv, .git or workdirs (each host
   # builds its own venv), and one file is much faster than `scp --recurse` of
-  # many small ones.
+  # many small ones. Released weights (mixer_models/, up to 876 MB a file) are
+  # left out: fetch them on the hosts, next to GCS (see finetune_*.py).
   local tmpdir tarball
   tmpdir="$(mktemp -d)"
   tarball="${tmpdir}/mixer.tar.gz"
   tar -czf "${tarball}" -C "${REPO_ROOT}" \
     --exclude=./.venv --exclude=./.git --exclude=./workdirs \
-    --exclude='*.egg-info' --exclude='__pycache__' --exclude=./.pytest_cache .
+    --exclude='*.egg-info' --exclude='__pycache__' --exclude=./.pytest_cache \
+    --exclude=./mixer_models .
   gcloud compute tpus tpu-vm scp "${tarball}" "${TPU_NAME}:~/mixer.tar.gz" \
     --zone="${ZONE}" --worker=all
   # Unpack over the previous copy but keep each host's .venv (and its stamp).

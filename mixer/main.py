@@ -8,6 +8,7 @@ cluster (detected, or forced with MIXER_DISTRIBUTED=1), or when
 clusters, several processes on one machine).
 """
 
+import importlib.util
 import os
 
 from absl import app, flags, logging
@@ -48,9 +49,58 @@ def initialize_distributed() -> None:
   logging.info('Process %d of %d.', jax.process_index(), jax.process_count())
 
 
+def _config_override_hint(argv) -> str:
+  """For an override `--config.a.b=v` that failed, names the valid keys at that level."""
+  config_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
+  if not config_arg or not overrides:
+    return ''
+  path, _, arg = config_arg.partition(':')
+  if not os.path.isfile(path):
+    return f'Config file {path!r} does not exist: pass an existing file, e.g. configs/digits.py.'
+  spec = importlib.util.spec_from_file_location('_mixer_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  for override in overrides:
+    node, parts = config, override.split('.')
+    for depth, part in enumerate(parts):
+      if not hasattr(node, 'keys') or part not in node:
+        where = '.'.join(['config'] + parts[:depth])
+        valid = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else '(not a dict)'
+        return (f'Unknown config key {"config." + override!r}: {where} has no {part!r}. '
+                f'Valid keys of {where}: {valid}.')
+      node = node[part]
+  return ''
+
+
+def _parse_flags(argv):
+  """absl flag parsing, with config errors (bad key, missing file) stated plainly."""
+  for arg in argv:
+    if arg.startswith('--config='):
+      path = arg.split('=', 1)[1].partition(':')[0]
+      if not os.path.isfile(path):
+        raise SystemExit(f'Error in the command line: config file {path!r} does not exist '
+                         f'(working directory {os.getcwd()}). Pass an existing file, e.g. '
+                         '--config=configs/digits.py.')
+  try:
+    return flags.FLAGS(argv)
+  except Exception as error:  # pylint: disable=broad-except  (re-raised with a clear message)
+    hint = _config_override_hint(argv)
+    raise SystemExit(f'Error in the command line: {hint or error}') from error
+
+
+class _QuietLibraries:
+  """Drops INFO records of orbax (several lines per save) so progress stays readable."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # tf.data runs on the host; the GPUs are JAX's.
@@ -59,4 +109,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -278,8 +278,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   #################### Train loop ####################
   writer = reporting.create_writer(workdir)
   throughput = reporting.Throughput(jax.device_count(), core_hours)
+  # Logs steps/s and the ETA (not written to metrics.jsonl: perf/* covers throughput).
   progress = periodic_actions.ReportProgress(
-      num_train_steps=config.total_steps, writer=writer, every_steps=config.log_every)
+      num_train_steps=config.total_steps, every_steps=config.log_every, every_secs=None)
   profile_steps = tuple(config.profile_steps or ())
   results: dict[str, float] = {}
   step = start_step

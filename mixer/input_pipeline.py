@@ -1,0 +1,331 @@
+"""Host input pipeline: per-process training and evaluation batches from tf.data.
+
+Training (`create_train_iterator`), per process:
+
+  source.read(split, process)        encoded examples, fixed order (mixer.datasets)
+  [cache]                            config.input.cache_raw: encoded bytes in RAM
+  for epoch e = 0, 1, ...:           shuffle(config.input.shuffle_buffer, seed(seed, process, e))
+  number the stream                  position p = e * n_local + (index in epoch)
+  decode, Inception crop, flip,      per-example stateless seed from
+  RandAugment, value range, labels   (config.seed, p * process_count + process_index)
+  batch(local_batch)                 batches run across epoch boundaries
+  mixup                              on the host, inside tf.data, one Beta(p, p) ratio
+                                     per batch, seeded by (config.seed, process, step)
+  prefetch(config.input.prefetch)
+
+Images are decoded after the shuffle, so the shuffle buffer holds encoded bytes.
+
+Determinism and resume. What tf.data guarantees here: with `deterministic=True`
+(set below) every parallel map keeps its input order; a shuffle with a fixed
+seed gives the same order on every run for the same input order; stateless
+random ops give the same values for the same seed. So for a fixed config
+(seed, dataset, batch size, process count, image size, augmentation) and the
+same TF version, the batches are identical from run to run. `start_step=N`
+starts at epoch `N * local_batch // n_local` arithmetically (earlier epochs
+are never read) and, inside it, skips the first `N * local_batch % n_local`
+shuffled *encoded* records before decoding; since every random choice is a
+function of the stream position, it yields exactly the batches an
+uninterrupted run yields from step N on. What is NOT guaranteed: identical
+streams across TF versions (shuffle and stateless RNG algorithms may change),
+across a different process count or batch size (the stream is per process),
+when TF's global seed is set (`tf.random.set_seed` enters tf.data's shuffle
+seed; this module never sets it), or when records fail to decode (they are
+dropped with a logged warning, which shifts the later examples of a run by one
+relative to a resumed run that skips encoded records).
+
+Evaluation (`create_eval_iterator`) reads each process's part of the split in
+order, preprocesses it per config.input.eval_pp, pads every process's stream
+with masked-out (mask False) examples and takes the same number of batches on
+every process, so each example is counted exactly once.
+
+Memory knobs: config.input.shuffle_buffer (encoded examples held per
+process), prefetch (batches), threadpool_size (tf.data private threadpool; 0 =
+TF default), max_intra_op_parallelism, cache_raw (keep the encoded split in
+RAM; small datasets only).
+
+Labels: 'labels' is float32 `[local_batch, num_classes]`, one-hot (or
+multi-hot for multi-label sources, all-zero for examples without a label),
+mixed by mixup during training; not normalised to sum to 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from mixer import datasets
+from mixer import preprocess_ops as ops
+
+# Salts that separate the random streams derived from config.seed.
+_SHUFFLE_SALT = 1
+_MIXUP_SALT = 2
+_EVAL_PP = ('resmall_crop', 'resize_crop', 'resize')
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, {process_count}).')
+  return process_index, process_count
+
+
+def _local_batch_size(global_batch: int, process_count: int, name: str) -> int:
+  if global_batch <= 0 or global_batch % process_count:
+    raise ValueError(
+        f'config.{name}={global_batch} must be a positive multiple of the number of '
+        f'processes ({process_count}); each process builds {name} // process_count '
+        f'examples. Set config.{name} to a multiple of {process_count}.')
+  return global_batch // process_count
+
+
+def _get_source(config, dataset: str) -> datasets.DataSource:
+  source = datasets.get_source(dataset, data_dir=config.get('data_dir'),
+                               num_classes=config.num_classes)
+  if source.num_classes is not None and source.num_classes != config.num_classes:
+    raise ValueError(
+        f'Dataset {dataset!r} has {source.num_classes} classes but config.num_classes='
+        f'{config.num_classes}. Set config.num_classes={source.num_classes}.')
+  return source
+
+
+def _dataset_options(config) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True  # Parallel maps keep their order: see docstring.
+  if config.input.threadpool_size:
+    options.threading.private_threadpool_size = config.input.threadpool_size
+  if config.input.max_intra_op_parallelism:
+    options.threading.max_intra_op_parallelism = config.input.max_intra_op_parallelism
+  # Prefetches injected by tf.data's optimiser hold decoded images on top of
+  # ours; leave the memory to config.input.prefetch.
+  options.experimental_optimization.inject_prefetch = False
+  return options
+
+
+def _int64_seed(*parts) -> tf.Tensor:
+  """A scalar int64 seed mixing `parts` (Python ints or int64 tensors)."""
+  seed = ops.example_seed(parts[0], parts[1])
+  for part in parts[2:]:
+    seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(part, tf.int64),
+                                                    alg='philox')
+  # tf.data's shuffle takes one int64; keep it non-negative for readability.
+  return tf.math.abs(seed[0] // 2)
+
+
+def _decode_checked(image_bytes: tf.Tensor, source_id: tf.Tensor) -> tf.Tensor:
+  """Fails (with the example's source id) on bytes that are not an image format."""
+  header = tf.strings.substr(image_bytes, 0, 4)
+  known = (tf.io.is_jpeg(image_bytes) | tf.equal(header, b'\x89PNG') |
+           tf.equal(tf.strings.substr(image_bytes, 0, 3), b'GIF') |
+           tf.equal(tf.strings.substr(image_bytes, 0, 2), b'BM'))
+  check = tf.debugging.Assert(known, ['Not an image (JPEG/PNG/GIF/BMP):', source_id])
+  with tf.control_dependencies([check]):
+    return tf.identity(image_bytes)
+
+
+def _train_preprocess(config, num_classes: int):
+  """(example, global example index) -> {'image', 'labels'} for training."""
+  size = config.image_size
+  inp = config.input
+
+  def preprocess(example, index):
+    seed_crop, seed_flip, seed_randaug = tf.unstack(
+        ops.split_seed(ops.example_seed(config.seed, index), 3))
+    data = _decode_checked(example['image'], example['source_id'])
+    if inp.inception_crop:
+      image = ops.decode_and_inception_crop(data, seed_crop, size, min_area=inp.min_area)
+    else:
+      image = ops.resize(ops.decode(data), size)
+    if inp.flip:
+      image = ops.flip_left_right(image, seed_flip)
+    if inp.randaug_magnitude and inp.randaug_layers:
+      image = ops.randaugment(image, seed_randaug, inp.randaug_layers, inp.randaug_magnitude)
+    return {'image': tf.ensure_shape(ops.value_range(image), [size, size, 3]),
+            'labels': ops.multi_hot(example['label'], num_classes)}
+
+  return preprocess
+
+
+def create_train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
+                          process_index: int | None = None,
+                          process_count: int | None = None
+                          ) -> Iterator[dict[str, np.ndarray]]:
+  """Endless training batches of this process, from step `start_step` on.
+
+  Args:
+    config: the training config (dataset, train_split, data_dir, image_size,
+      num_classes, batch_size, seed, input.*).
+    start_step: first step to yield; equals an uninterrupted run from there.
+    process_index: this process (default jax.process_index()).
+    process_count: number of processes (default jax.process_count()).
+
+  Returns:
+    An iterator of {'image': float32 [local_batch, S, S, 3] in [-1, 1],
+    'labels': float32 [local_batch, num_classes]}.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  local_batch = _local_batch_size(config.batch_size, process_count, 'batch_size')
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}.')
+  if config.input.eval_pp not in _EVAL_PP:  # Fail at start-up, not at the first eval.
+    raise ValueError(f'config.input.eval_pp={config.input.eval_pp!r}; use one of {_EVAL_PP}.')
+  if _global_tf_seed_is_set():
+    logging.warning('tf.random.set_seed() was called: the shuffle order then also depends '
+                    'on that seed.')
+  source = _get_source(config, config.dataset)
+  num_classes = config.num_classes
+  split = config.train_split
+  records = source.read(split, process_index=process_index, process_count=process_count)
+  n_local = source.num_examples(split, process_index=process_index,
+                                process_count=process_count)
+  if n_local == 0:
+    raise ValueError(f'Process {process_index} of {process_count} has no examples of '
+                     f'{config.dataset!r} split {split!r}; use a larger split or fewer '
+                     'processes.')
+  if config.input.cache_raw:
+    records = records.cache()
+
+  start_epoch, offset = divmod(start_step * local_batch, n_local)
+  buffer = max(1, min(config.input.shuffle_buffer, n_local))
+
+  def epoch(epoch_index):
+    seed = _int64_seed(config.seed, _SHUFFLE_SALT, process_index, epoch_index)
+    shuffled = records.shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
+    positions = tf.data.Dataset.range(epoch_index * n_local, (epoch_index + 1) * n_local)
+    return tf.data.Dataset.zip(shuffled, positions)
+
+  ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
+  ds = ds.skip(offset)  # Encoded records only: nothing is decoded before this.
+
+  preprocess = _train_preprocess(config, num_classes)
+  ds = ds.map(lambda example, position: preprocess(
+      example, position * process_count + process_index),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  # Undecodable records are dropped with a logged warning, label and all.
+  ds = ds.ignore_errors(log_warning=True)
+  ds = ds.batch(local_batch, drop_remainder=True)
+
+  mixup_p = config.input.mixup_p
+  if mixup_p > 0:
+    def mix(step, batch):
+      seed = ops.example_seed(config.seed, _MIXUP_SALT)
+      seed = tf.random.experimental.stateless_fold_in(seed, process_index, alg='philox')
+      seed = tf.random.experimental.stateless_fold_in(seed, step, alg='philox')
+      images, labels = ops.mixup(batch['image'], batch['labels'], seed, mixup_p)
+      return {'image': images, 'labels': labels}
+    ds = ds.enumerate(start=start_step).map(mix, num_parallel_calls=tf.data.AUTOTUNE)
+
+  ds = ds.prefetch(config.input.prefetch).with_options(_dataset_options(config))
+  return ds.as_numpy_iterator()
+
+
+def _global_tf_seed_is_set() -> bool:
+  from tensorflow.python.eager import context  # pylint: disable=g-direct-tensorflow-import
+  return context.global_seed() is not None
+
+
+# ----------------------------------------------------------------------------
+# Evaluation.
+# ----------------------------------------------------------------------------
+def _eval_resize(image: tf.Tensor, config) -> tf.Tensor:
+  size = config.image_size
+  mode = config.input.eval_pp
+  if mode == 'resize':
+    return ops.resize(image, size)
+  resize_to = int(round(size / config.input.eval_crop_fraction))
+  if mode == 'resmall_crop':
+    return ops.central_crop(ops.resize_small(image, resize_to), size)
+  if mode == 'resize_crop':
+    return ops.central_crop(ops.resize(image, resize_to), size)
+  raise ValueError(f'config.input.eval_pp={mode!r}; use one of {_EVAL_PP}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalData:
+  """One process's evaluation batches; iterate it as often as needed.
+
+  Attributes:
+    dataset: the underlying tf.data pipeline (num_steps batches).
+    num_examples: examples in the whole split (all processes).
+    num_steps: batches per pass, the same on every process.
+    local_batch_size: examples per batch on this process (padding included).
+  """
+  dataset: tf.data.Dataset
+  num_examples: int
+  num_steps: int
+  local_batch_size: int
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    """Yields num_steps dicts: image, labels, mask (and real_labels for ReaL)."""
+    return self.dataset.as_numpy_iterator()
+
+  def __len__(self) -> int:
+    return self.num_steps
+
+
+def create_eval_iterator(config: ml_collections.ConfigDict, *, dataset: str | None = None,
+                         split: str | None = None, batch_size: int | None = None,
+                         process_index: int | None = None,
+                         process_count: int | None = None) -> EvalData:
+  """Evaluation batches of this process's part of a split, padded and masked.
+
+  Args:
+    config: the training config (image_size, num_classes, input.eval_pp, ...).
+    dataset: a config.dataset-style name (default config.dataset).
+    split: split spec (default config.eval_split).
+    batch_size: global batch size (default config.eval_batch_size).
+    process_index: this process (default jax.process_index()).
+    process_count: number of processes (default jax.process_count()).
+
+  Returns:
+    EvalData; each batch is {'image': float32 [b, S, S, 3] in [-1, 1],
+    'labels': float32 [b, num_classes], 'mask': bool [b]} plus, for sources
+    with ReaL labels (imagenet2012_real), 'real_labels' float32 [b, num_classes]
+    multi-hot (all-zero where an image has no ReaL label).
+  """
+  process_index, process_count = _process(process_index, process_count)
+  dataset = dataset or config.dataset
+  split = split or config.eval_split
+  local_batch = _local_batch_size(batch_size or config.eval_batch_size, process_count,
+                                  'eval_batch_size')
+  source = _get_source(config, dataset)
+  num_classes = config.num_classes
+  size = config.image_size
+  counts = [source.num_examples(split, process_index=i, process_count=process_count)
+            for i in range(process_count)]
+  num_steps = max(1, math.ceil(max(counts) / local_batch))
+  with_real = source.has_real_labels
+
+  def preprocess(example):
+    data = _decode_checked(example['image'], example['source_id'])
+    image = _eval_resize(ops.decode(data), config)
+    out = {'image': tf.ensure_shape(ops.value_range(image), [size, size, 3]),
+           'labels': ops.multi_hot(example['label'], num_classes),
+           'mask': tf.constant(True)}
+    if with_real:
+      out['real_labels'] = ops.multi_hot(example['real_label'], num_classes)
+    return out
+
+  ds = source.read(split, process_index=process_index, process_count=process_count)
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.ignore_errors(log_warning=True)
+  padding = {'image': tf.zeros([size, size, 3], tf.float32),
+             'labels': tf.zeros([num_classes], tf.float32),
+             'mask': tf.constant(False)}
+  if with_real:
+    padding['real_labels'] = tf.zeros([num_classes], tf.float32)
+  # Endless padding after the real examples, then exactly num_steps batches:
+  # the last real batch is filled up with masked-out examples, and processes
+  # with fewer examples run the same number of steps.
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+  ds = ds.batch(local_batch, drop_remainder=True).take(num_steps)
+  ds = ds.prefetch(config.input.prefetch).with_options(_dataset_options(config))
+  return EvalData(dataset=ds, num_examples=sum(counts), num_steps=num_steps,
+                  local_batch_size=local_batch)

@@ -1,0 +1,221 @@
+"""End-to-end runs of the real trainer (`train_and_evaluate` and `python -m mixer.main`).
+
+The slow ones (marked `slow`) train for real; `make test` runs them too.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mixer import checkpoint, train
+from tests import multidevice
+
+REPO = multidevice.REPO
+sys.path.insert(0, os.path.join(REPO, 'configs'))
+import digits  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def tiny_config(**overrides):
+  """configs/digits.py shrunk to a fast smoke run (same data and pipeline)."""
+  config = digits.get_config()
+  config.model.update(hidden_dim=32, num_blocks=2, tokens_mlp_dim=16, channels_mlp_dim=64)
+  config.update(image_size=16, batch_size=32, eval_batch_size=40, total_steps=12, warmup_steps=2,
+                log_every=4, eval_every=6, checkpoint_every=6)
+  config.model.patch_size = 4
+  config.update(overrides)
+  return config
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+def main_command(workdir, *flags, config='configs/digits.py'):
+  return [sys.executable, '-m', 'mixer.main', f'--config={config}', f'--workdir={workdir}',
+          '--config.model.hidden_dim=32', '--config.model.num_blocks=2',
+          '--config.model.tokens_mlp_dim=16', '--config.model.channels_mlp_dim=64',
+          '--config.image_size=16', '--config.batch_size=32', '--config.eval_batch_size=40',
+          *flags]
+
+
+def run_main(workdir, *flags, num_devices=1, timeout=600):
+  result = subprocess.run(main_command(workdir, *flags), cwd=REPO, capture_output=True, text=True,
+                          env=multidevice.subprocess_env(num_devices), timeout=timeout)
+  assert result.returncode == 0, result.stderr[-5000:]
+  return result
+
+
+def test_smoke_run_writes_metrics_checkpoints_and_export(tmp_path):
+  workdir = str(tmp_path)
+  results = train.train_and_evaluate(tiny_config(), workdir)
+  assert results['step'] == 12
+  records = read_metrics(workdir)
+  train_records = [r for r in records if 'train/loss' in r]
+  assert [r['step'] for r in train_records] == [4, 8, 12]
+  for key in ('train/loss', 'train/learning_rate', 'train/grad_norm', 'perf/core_hours'):
+    assert all(np.isfinite(r[key]) for r in train_records), key
+  assert any('perf/img_per_sec_per_core' in r for r in train_records)
+  evals = [r for r in records if 'eval/accuracy' in r]
+  assert [r['step'] for r in evals] == [6, 12]
+  assert all(0.0 <= r['eval/accuracy'] <= 1.0 and np.isfinite(r['eval/loss']) for r in evals)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['12', '6']
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+  assert os.path.exists(os.path.join(workdir, 'training_curves.png'))
+  params = checkpoint.load_npz(os.path.join(workdir, 'final.npz'))
+  assert params['stem']['kernel'].shape == (4, 4, 3, 32)
+  assert params['head']['kernel'].shape == (32, 10)
+
+
+@pytest.mark.slow
+def test_digits_demo_reaches_95_percent(tmp_path):
+  """Real learning: the `make demo` config on the embedded digits."""
+  results = train.train_and_evaluate(digits.get_config(), str(tmp_path))
+  assert results['eval/accuracy'] >= 0.95, results
+  losses = [r['train/loss'] for r in read_metrics(str(tmp_path)) if 'train/loss' in r]
+  assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+  flags = ('--config.total_steps=300', '--config.checkpoint_every=20', '--config.eval_every=1000',
+           '--config.log_every=50', '--config.warmup_steps=10')
+  reference = str(tmp_path / 'uninterrupted')
+  run_main(reference, *flags)
+
+  killed = str(tmp_path / 'killed')
+  process = subprocess.Popen(main_command(killed, *flags), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=multidevice.subprocess_env(1))
+  committed = os.path.join(killed, 'checkpoints', '40')
+  deadline = time.time() + 300
+  while not os.path.isdir(committed) and time.time() < deadline and process.poll() is None:
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert os.path.isdir(committed), 'the run ended before its step-40 checkpoint'
+  assert not os.path.exists(os.path.join(killed, 'final.npz')), 'killed too late: run finished'
+
+  resumed = run_main(killed, *flags)
+  assert 'Resumed from step' in resumed.stderr
+  a = checkpoint.load_npz(os.path.join(reference, 'final.npz'))
+  b = checkpoint.load_npz(os.path.join(killed, 'final.npz'))
+  for key_a, key_b in zip(sorted(_flatten(a)), sorted(_flatten(b))):
+    assert key_a[0] == key_b[0]
+    np.testing.assert_array_equal(key_a[1], key_b[1], err_msg=key_a[0])
+
+
+def _flatten(tree, prefix=''):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, f'{prefix}{key}/')
+    else:
+      yield f'{prefix}{key}', value
+
+
+@pytest.mark.slow
+def test_checkpoint_from_8_device_fsdp_mesh_restores_on_1_device(tmp_path):
+  workdir = str(tmp_path)
+  run_main(workdir, '--config.total_steps=10', '--config.checkpoint_every=5',
+           '--config.mesh.fsdp=4', '--config.eval_every=10', num_devices=8)
+  resumed = run_main(workdir, '--config.total_steps=20', '--config.checkpoint_every=5',
+                     '--config.eval_every=10', num_devices=1)
+  assert 'Resumed from step 10' in resumed.stderr
+  steps = [r['step'] for r in read_metrics(workdir) if 'train/loss' in r]
+  assert max(steps) == 20
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_and_one_process_continues(tmp_path):
+  workdir = str(tmp_path)
+  port = 20000 + os.getpid() % 20000
+  flags = ('--config.total_steps=30', '--config.checkpoint_every=10', '--config.eval_every=30',
+           '--config.log_every=5', '--config.warmup_steps=2', '--config.lr=0.01')
+  processes = [
+      subprocess.Popen(
+          main_command(workdir, *flags, f'--coordinator_address=127.0.0.1:{port}',
+                       '--num_processes=2', f'--process_id={i}'),
+          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+          env=multidevice.subprocess_env(4))
+      for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-5000:]
+  assert 'Process 1 of 2' in outputs[1][1]
+  assert "Mesh {'data': 8, 'fsdp': 1, 'model': 1} over 8 devices" in outputs[0][1]
+  losses = [r['train/loss'] for r in read_metrics(workdir) if 'train/loss' in r]
+  assert len(losses) == 6 and losses[-1] < losses[0], losses
+  resumed = run_main(workdir, '--config.total_steps=40', '--config.checkpoint_every=10',
+                     '--config.eval_every=40', '--config.log_every=5', '--config.warmup_steps=2')
+  assert 'Resumed from step 30' in resumed.stderr
+  assert max(r['step'] for r in read_metrics(workdir)) == 40
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('image_size', [16, 32])
+def test_finetune_from_released_format_npz(tmp_path, image_size):
+  """Pre-train at 16 px, export final.npz, fine-tune from it at 16 px and at 32 px (K=2)."""
+  pretrained = str(tmp_path / 'pretrain')
+  train.train_and_evaluate(tiny_config(total_steps=30, eval_every=30, checkpoint_every=30),
+                           pretrained)
+  config = tiny_config(optimizer='momentum', weight_decay=0.0, lr=0.03, decay_type='cosine',
+                       total_steps=20, eval_every=20, checkpoint_every=20, image_size=image_size,
+                       init_from=os.path.join(pretrained, 'final.npz'), init_from_image_size=16)
+  if image_size == 32:
+    config.model.tokens_mlp_dim = 16 * 4  # Appendix C: D_S grows with the number of tokens.
+  results = train.train_and_evaluate(config, str(tmp_path / 'finetune'))
+  params = checkpoint.load_npz(str(tmp_path / 'finetune' / 'final.npz'))
+  tokens = (image_size // 4) ** 2
+  assert params['MixerBlock_0']['token_mixing']['Dense_0']['kernel'].shape == (
+      tokens, config.model.tokens_mlp_dim)
+  assert results['eval/accuracy'] > 0.5, results  # Starts from a model that already learned.
+
+
+def test_workdir_with_another_models_checkpoint_is_refused(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(total_steps=6, checkpoint_every=6, eval_every=6), workdir)
+  before = {f: os.path.getmtime(os.path.join(workdir, 'checkpoints', f))
+            for f in os.listdir(os.path.join(workdir, 'checkpoints'))}
+  other = tiny_config(total_steps=12)
+  other.model.hidden_dim = 48
+  with pytest.raises(ValueError, match='holds a checkpoint .* of another model.*hidden_dim'):
+    train.train_and_evaluate(other, workdir)
+  after = {f: os.path.getmtime(os.path.join(workdir, 'checkpoints', f))
+           for f in os.listdir(os.path.join(workdir, 'checkpoints'))}
+  assert before == after
+
+
+def test_init_from_wrong_variant_is_a_clear_error(tmp_path):
+  train.train_and_evaluate(tiny_config(total_steps=6, checkpoint_every=6, eval_every=6),
+                           str(tmp_path / 'a'))
+  config = tiny_config(init_from=str(tmp_path / 'a' / 'final.npz'))
+  config.model.hidden_dim = 48
+  with pytest.raises(checkpoint.CheckpointError, match='hidden'):
+    train.train_and_evaluate(config, str(tmp_path / 'b'))
+  assert not os.path.exists(tmp_path / 'b' / 'checkpoints' / '6')
+
+
+def test_command_line_errors_are_clear(tmp_path):
+  bad_key = subprocess.run(main_command(str(tmp_path), '--config.lerning_rate=1'), cwd=REPO,
+                           capture_output=True, text=True, env=multidevice.subprocess_env(1))
+  assert bad_key.returncode != 0
+  assert "Unknown config key 'config.lerning_rate'" in bad_key.stderr
+  assert 'warmup_steps' in bad_key.stderr  # Lists the valid keys.
+  missing = subprocess.run(
+      [sys.executable, '-m', 'mixer.main', '--config=configs/no_such_config.py',
+       f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True,
+      env=multidevice.subprocess_env(1))
+  assert missing.returncode != 0
+  assert "config file 'configs/no_such_config.py' does not exist" in missing.stderr
+
+
+def test_batch_not_divisible_by_devices_is_refused_by_the_trainer(tmp_path):
+  result = subprocess.run(main_command(str(tmp_path), '--config.batch_size=36'), cwd=REPO,
+                          capture_output=True, text=True, env=multidevice.subprocess_env(8))
+  assert result.returncode != 0
+  assert 'is not divisible by the 8 data-parallel devices' in result.stderr
