@@ -49,8 +49,8 @@ def get_config(arg=None):
   config.optimizer = 'adam'
   config.lr = 3e-3
   config.weight_decay = 0.1
-  config.warmup_steps = 50
-  config.total_steps = 600
+  config.warmup_steps = 30
+  config.total_steps = 300
   config.decay_type = 'linear'
 
   config.log_every = 25

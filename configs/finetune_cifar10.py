@@ -46,6 +46,8 @@ every host of a pod (in ~/mixer, the directory the run starts in):
     -o mixer_models/imagenet21k/Mixer-B_16.npz \
     https://storage.googleapis.com/mixer_models/imagenet21k/Mixer-B_16.npz'
 
+(Mixer-L_16.npz likewise for variant=L_16, ~876 MB.)
+
 Arguments after the colon, comma-separated:
   variant=B_16|L_16|...   model (default B_16); any name of mixer.models.
   lr=0.03          peak learning rate (grid {0.003, 0.01, 0.03, 0.06}).

@@ -61,6 +61,8 @@ every host of a pod (in ~/mixer, the directory the run starts in):
     -o mixer_models/imagenet21k/Mixer-B_16.npz \
     https://storage.googleapis.com/mixer_models/imagenet21k/Mixer-B_16.npz'
 
+(Mixer-L_16.npz likewise for variant=L_16, ~876 MB.)
+
 Arguments after the colon, comma-separated:
   variant=B_16|L_16|...   model (default B_16); any name of mixer.models.
   res=224|448      fine-tuning resolution (a multiple of 224).

@@ -14,7 +14,9 @@ or parameter, what is wrong and how to fix it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
 import os
 import re
@@ -67,11 +69,29 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   return traverse_util.unflatten_dict(dict(flat), sep='/')
 
 
+def _is_remote(path: str) -> bool:
+  """gs://, s3://, ... paths: the trainer's workdir may live in a bucket."""
+  return '://' in path
+
+
+def _read_remote(path: str) -> io.BytesIO:
+  # Imported here: only remote paths need it (it is part of the orbax/TFDS stack).
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  remote = epath.Path(path)
+  if not remote.exists():
+    raise CheckpointError(f'{path}: no such file. Check the path (and your access to it).')
+  return io.BytesIO(remote.read_bytes())
+
+
+def _size(source: str | io.BytesIO) -> int:
+  return source.getbuffer().nbytes if isinstance(source, io.BytesIO) else os.path.getsize(source)
+
+
 def load_npz(path: str | os.PathLike[str]) -> dict[str, Any]:
   """Reads a released-format `.npz` into a nested dict of numpy arrays.
 
-  Keys are split on `/` (`stem/kernel` -> `{'stem': {'kernel': ...}}`). Only
-  plain numeric arrays are read: pickled objects are refused, as in
+  Keys are split on `/` (`stem/kernel` -> `{'stem': {'kernel': ...}}`).
+  `path` may be local or in a bucket (gs://...). Only plain numeric arrays are read: pickled objects are refused, as in
   vision_transformer's loader, because unpickling runs arbitrary code.
 
   Raises:
@@ -80,21 +100,26 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, Any]:
       keys that do not form a tree.
   """
   path = os.fspath(path)
-  if not os.path.exists(path):
-    raise CheckpointError(
-        f'{path}: no such file. Check the path; released weights are at '
-        f'{_RELEASED_URL}<dataset>/<model>.npz (see docs/weights.md).')
-  if os.path.isdir(path):
-    raise CheckpointError(f'{path}: is a directory, not an .npz file. Pass the .npz file itself.')
+  if _is_remote(path):
+    source = _read_remote(path)
+  else:
+    if not os.path.exists(path):
+      raise CheckpointError(
+          f'{path}: no such file. Check the path; released weights are at '
+          f'{_RELEASED_URL}<dataset>/<model>.npz (see docs/weights.md).')
+    if os.path.isdir(path):
+      raise CheckpointError(
+          f'{path}: is a directory, not an .npz file. Pass the .npz file itself.')
+    source = path
   # The zip directory sits at the end of the file, so an interrupted download
   # (or an HTML error page saved under the .npz name) fails this test.
-  if not zipfile.is_zipfile(path):
+  if not zipfile.is_zipfile(source):
     raise CheckpointError(
-        f'{path}: not an .npz (zip) archive, or truncated ({os.path.getsize(path)} bytes). '
+        f'{path}: not an .npz (zip) archive, or truncated ({_size(source)} bytes). '
         'Re-download the file, or write it with mixer.checkpoint.save_npz.')
   flat = {}
   try:
-    with np.load(path, allow_pickle=False) as archive:
+    with np.load(source, allow_pickle=False) as archive:
       for key in archive.files:
         value = archive[key]
         if not isinstance(value, np.ndarray):
@@ -146,6 +171,12 @@ def _as_saveable(key: str, value: Any) -> np.ndarray:
       f'(value of type {type(value).__name__}). Pass a tree of jax or numpy arrays.')
 
 
+def _current_umask() -> int:
+  umask = os.umask(0o022)  # Reading the umask means setting it; restore it at once.
+  os.umask(umask)
+  return umask
+
+
 def save_npz(params: Any, path: str | os.PathLike[str]) -> None:
   """Writes `params` in the released flat layout, atomically.
 
@@ -154,39 +185,45 @@ def save_npz(params: Any, path: str | os.PathLike[str]) -> None:
   `np.load` (and so by the vision_transformer, big_vision and timm converters).
   The arrays go to a temporary file in the same directory, which is fsync'ed
   and then renamed over `path`, so an existing file is either kept whole or
-  replaced whole, never left half-written.
+  replaced whole, never left half-written. Bucket paths (gs://...) are written
+  in one upload, which is atomic too.
 
   Raises:
     CheckpointError: a leaf is not a numeric array (nothing is written).
   """
   path = os.fspath(path)
   flat = {key: _as_saveable(key, value) for key, value in _flatten(params).items()}
+  if _is_remote(path):
+    # Bucket objects appear only once fully uploaded, so one write is atomic.
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
+    epath.Path(path).write_bytes(buffer.getvalue())
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp_path = tempfile.mkstemp(
       dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
   try:
     with os.fdopen(fd, 'wb') as f:
+      # mkstemp makes the file private (0600); give it the mode open() would.
+      os.fchmod(f.fileno(), 0o666 & ~_current_umask())
       # Given a file object, np.savez writes exactly there (no '.npz' suffix added).
       np.savez(f, **flat)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp_path, path)
   except BaseException:
-    if os.path.exists(tmp_path):
+    with contextlib.suppress(OSError):
       os.remove(tmp_path)
     raise
-  # Makes the rename itself durable; not every filesystem allows this.
-  try:
+  # Makes the rename itself durable; some filesystems refuse to fsync a directory.
+  with contextlib.suppress(OSError):
     dir_fd = os.open(directory, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(dir_fd)
-  except OSError:
-    pass
-  finally:
-    os.close(dir_fd)
+    try:
+      os.fsync(dir_fd)
+    finally:
+      os.close(dir_fd)
 
 
 # -----------------------------------------------------------------------------
@@ -231,9 +268,9 @@ class Architecture:
 
   def model_kwargs(self) -> dict[str, int]:
     """Keyword arguments that build an `MlpMixer` matching this tree."""
-    return dict(num_classes=self.num_classes, patch_size=self.patch_size,
-                hidden_dim=self.hidden_dim, num_blocks=self.num_blocks,
-                tokens_mlp_dim=self.tokens_mlp_dim, channels_mlp_dim=self.channels_mlp_dim)
+    return {'num_classes': self.num_classes, 'patch_size': self.patch_size,
+            'hidden_dim': self.hidden_dim, 'num_blocks': self.num_blocks,
+            'tokens_mlp_dim': self.tokens_mlp_dim, 'channels_mlp_dim': self.channels_mlp_dim}
 
   def describe(self) -> str:
     size = f'{self.image_size} px' if self.image_size else 'non-square grid'

@@ -24,13 +24,15 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from mixer import checkpoint, labels as labels_lib, models
+from mixer import checkpoint, models
+from mixer import labels as labels_lib
 
 # Crop size over resize size for "resmall-crop": 224 / 256.
 CROP_FRACTION = 0.875
 _BATCH_SIZE = 32  # Images per forward pass; bounds memory for long image lists.
 # Label set to use when --labels is not given, by head size.
 _DEFAULT_LABELS = {1000: 'imagenet2012', 21843: 'imagenet21k'}
+FLAGS = flags.FLAGS
 
 
 def preprocess(image_path: str | os.PathLike[str], image_size: int) -> np.ndarray:
@@ -125,16 +127,18 @@ def predict(model_name: str | None, weights: str | os.PathLike[str],
   return results
 
 
-_MODEL = flags.DEFINE_string(
-    'model', None, 'Variant, e.g. Mixer-B_16 (checked against the file); default: read '
-    'from the file.')
-_WEIGHTS = flags.DEFINE_string('weights', None, 'Released-format .npz with a head.',
-                               required=True)
-_LABELS = flags.DEFINE_string(
-    'labels', None, "'imagenet2012', 'imagenet21k' or a file with one class name a line; "
-    'default: by head size.')
-_TOP_K = flags.DEFINE_integer('top_k', 5, 'Classes to print per image.')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Model input size in pixels.')
+def _define_flags() -> None:
+  """Defined only when run as a program, so importing this module defines no flags
+  (mixer.visualize, the trainer and tests use names such as --weights too)."""
+  flags.DEFINE_string(
+      'model', None, 'Variant, e.g. Mixer-B_16 (checked against the file); default: read '
+      'from the file.')
+  flags.DEFINE_string('weights', None, 'Released-format .npz with a head.', required=True)
+  flags.DEFINE_string(
+      'labels', None, "'imagenet2012', 'imagenet21k' or a file with one class name a line; "
+      'default: by head size.')
+  flags.DEFINE_integer('top_k', 5, 'Classes to print per image.')
+  flags.DEFINE_integer('image_size', 224, 'Model input size in pixels.')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -142,8 +146,8 @@ def main(argv: Sequence[str]) -> None:
   if not image_paths:
     raise app.UsageError('Pass one or more image files after the flags.')
   try:
-    results = predict(_MODEL.value, _WEIGHTS.value, image_paths, labels=_LABELS.value,
-                      top_k=_TOP_K.value, image_size=_IMAGE_SIZE.value)
+    results = predict(FLAGS.model, FLAGS.weights, image_paths, labels=FLAGS.labels,
+                      top_k=FLAGS.top_k, image_size=FLAGS.image_size)
   except ValueError as e:  # Includes CheckpointError: the message says what to fix.
     raise SystemExit(f'error: {e}') from None
   for path, top in zip(image_paths, results):
@@ -153,4 +157,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

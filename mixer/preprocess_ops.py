@@ -103,7 +103,9 @@ def decode_and_inception_crop(data: tf.Tensor, seed: tf.Tensor, size: int,
   For JPEG bytes only the crop window is decoded (`decode_and_crop_jpeg`),
   which is what makes 224px training affordable on the host; other formats are
   decoded whole and cropped. Both paths sample the same window from the same
-  seed, so the result equals `inception_crop(decode(data), seed, ...)`.
+  seed, so the result equals `inception_crop(decode(data), seed, ...)` exactly
+  for non-JPEGs and up to libjpeg's chroma upsampling at the window's edge
+  (a few pixel values on the border) for JPEGs.
   """
 
   def jpeg_path():
@@ -420,8 +422,11 @@ def randaugment(image: tf.Tensor, seed: tf.Tensor, num_layers: int = 2,
     apply_prob = tf.random.stateless_uniform([], prob_seed, minval=0.2, maxval=0.8)
     apply = tf.random.stateless_uniform([], coin_seed) < apply_prob
     sign = tf.where(tf.random.stateless_uniform([], sign_seed) < 0.5, -1.0, 1.0)
-    augmented = tf.switch_case(
-        op_index, _randaug_branches(image, float(magnitude), sign, cutout_seed))
-    augmented = tf.ensure_shape(tf.cast(augmented, tf.uint8), image.shape)
-    image = tf.where(apply, augmented, image)
+    branches = _randaug_branches(image, float(magnitude), sign, cutout_seed)
+    # tf.cond, not tf.where: a skipped op (about half of them) costs nothing.
+    image = tf.cond(
+        apply,
+        lambda: tf.cast(tf.switch_case(op_index, branches), tf.uint8),  # pylint: disable=cell-var-from-loop
+        lambda: image)  # pylint: disable=cell-var-from-loop
+    image = _set_rgb_shape(image)
   return image

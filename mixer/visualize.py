@@ -18,7 +18,7 @@ zero); the two units of a pair sit side by side.
 
 Image size: cells of `g·scale` pixels with `scale = ceil(32 / g)` (nearest-
 neighbour upscaling; 42 px for g = 14), `columns = min(16, n + n % 2)` cells a
-row for n units, `rows = ceil(n / columns)`, with 2-pixel white gaps between
+row for n units, `rows = ceil(n / columns)`, with 2-pixel light-grey gaps between
 and around cells: width = columns·(g·scale + 2) + 2, height = rows·(g·scale + 2) + 2.
 """
 
@@ -39,7 +39,9 @@ from mixer import checkpoint
 _MAX_COLUMNS = 16   # 8 pairs a row.
 _CELL_TARGET_PX = 32
 _GAP_PX = 2
+_GAP_GREY = 200  # Not white, so cells whose weights are near zero stay distinct.
 _COLORMAP = 'RdBu_r'
+FLAGS = flags.FLAGS
 
 
 def token_mixing_units(params: Mapping[str, Any], block: int = 0) -> np.ndarray:
@@ -52,6 +54,9 @@ def token_mixing_units(params: Mapping[str, Any], block: int = 0) -> np.ndarray:
   name = f'MixerBlock_{block}'
   if name not in blocks:
     num_blocks = sum(1 for key in blocks if key.startswith('MixerBlock_'))
+    if not num_blocks:
+      raise ValueError('The weights have no MixerBlock_* parameters: pass an MLP-Mixer '
+                       'checkpoint in the released layout.')
     raise ValueError(f'block={block}: the checkpoint has blocks 0..{num_blocks - 1}; '
                      'pick one of those.')
   kernel = np.asarray(blocks[name]['token_mixing']['Dense_0']['kernel'], np.float64)
@@ -100,7 +105,7 @@ def _render(units: np.ndarray) -> Image.Image:
   columns = min(_MAX_COLUMNS, num_units + num_units % 2)
   rows = math.ceil(num_units / columns)
   canvas = np.full((rows * (cell + _GAP_PX) + _GAP_PX, columns * (cell + _GAP_PX) + _GAP_PX, 3),
-                   255, np.uint8)
+                   _GAP_GREY, np.uint8)
   colormap = matplotlib.colormaps[_COLORMAP]
   for index, unit in enumerate(units):
     values = unit / max(np.abs(unit).max(), 1e-30)  # In [-1, 1], zero stays white.
@@ -139,21 +144,24 @@ def visualize(weights: str | os.PathLike[str] | Mapping[str, Any], out: str | os
   return out
 
 
-_WEIGHTS = flags.DEFINE_string('weights', None, 'Released-format .npz.', required=True)
-_OUT = flags.DEFINE_string('out', None, 'PNG file to write.', required=True)
-_BLOCK = flags.DEFINE_integer('block', 0, 'Mixer block whose token-mixing MLP to draw.')
-_NUM_UNITS = flags.DEFINE_integer('num_units', None, 'Units to draw (default: all).')
+def _define_flags() -> None:
+  """Defined only when run as a program, so importing this module defines no flags."""
+  flags.DEFINE_string('weights', None, 'Released-format .npz.', required=True)
+  flags.DEFINE_string('out', None, 'PNG file to write.', required=True)
+  flags.DEFINE_integer('block', 0, 'Mixer block whose token-mixing MLP to draw.')
+  flags.DEFINE_integer('num_units', None, 'Units to draw (default: all).')
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
   try:
-    path = visualize(_WEIGHTS.value, _OUT.value, block=_BLOCK.value, num_units=_NUM_UNITS.value)
+    path = visualize(FLAGS.weights, FLAGS.out, block=FLAGS.block, num_units=FLAGS.num_units)
   except ValueError as e:  # Includes CheckpointError: the message says what to fix.
     raise SystemExit(f'error: {e}') from None
   print(f'Wrote {path}')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

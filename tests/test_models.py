@@ -4,6 +4,8 @@ The forward pass is checked against a second implementation written here in
 plain float64 numpy straight from the paper's equations, on real photos.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,10 +148,15 @@ def _random_params(shapes, seed):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+@functools.lru_cache
+def _decoded_sample_photos():
+  return tuple(load_sample_images().images)
+
+
 def _sample_photos(size):
   """sklearn's china.jpg and flower.jpg (427x640), resized to size² and put in [-1, 1]."""
   photos = [Image.fromarray(p).resize((size, size), Image.Resampling.BILINEAR)
-            for p in load_sample_images().images]
+            for p in _decoded_sample_photos()]
   return (np.stack([np.asarray(p, np.float32) for p in photos]) - 127.5) / 127.5
 
 
@@ -158,9 +165,9 @@ def _relative_error(actual, expected):
 
 
 @pytest.mark.parametrize('model_kwargs, image_size', [
-    (dict(num_classes=7, patch_size=8, hidden_dim=32, num_blocks=3, tokens_mlp_dim=24,
-          channels_mlp_dim=64), 64),
-    (dict(name='Mixer-S_32', num_classes=1000), 224),
+    ({'num_classes': 7, 'patch_size': 8, 'hidden_dim': 32, 'num_blocks': 3,
+      'tokens_mlp_dim': 24, 'channels_mlp_dim': 64}, 64),
+    ({'name': 'Mixer-S_32', 'num_classes': 1000}, 224),
 ], ids=['small', 'S_32'])
 def test_forward_matches_independent_numpy_implementation(model_kwargs, image_size):
   kwargs = dict(model_kwargs)
@@ -180,8 +187,9 @@ def test_prelogits_are_pooled_features():
                           tokens_mlp_dim=4, channels_mlp_dim=16)
   params = _random_params(_param_shapes(model, 16), seed=1)
   images = _sample_photos(16)
-  features = model.apply({'params': params}, images, train=False, return_prelogits=True)
-  logits = model.apply({'params': params}, images, train=False)
+  apply = jax.jit(lambda p, x: (model.apply({'params': p}, x, train=False, return_prelogits=True),
+                                model.apply({'params': p}, x, train=False)))
+  features, logits = apply(params, images)
   assert features.shape == (2, 8)
   np.testing.assert_allclose(
       features @ params['head']['kernel'] + params['head']['bias'], logits, rtol=1e-5, atol=1e-5)

@@ -15,8 +15,8 @@ from mixer.checkpoint import CheckpointError
 
 
 def _tiny_model(num_classes=5, num_blocks=2, **overrides):
-  kwargs = dict(num_classes=num_classes, patch_size=4, hidden_dim=16, num_blocks=num_blocks,
-                tokens_mlp_dim=8, channels_mlp_dim=32)
+  kwargs = {'num_classes': num_classes, 'patch_size': 4, 'hidden_dim': 16,
+            'num_blocks': num_blocks, 'tokens_mlp_dim': 8, 'channels_mlp_dim': 32}
   kwargs.update(overrides)
   return models.MlpMixer(**kwargs)
 
@@ -91,6 +91,28 @@ def test_save_accepts_numpy_jax_and_variables_dict(tmp_path):
   assert set(a) == set(b) == set(_flat(tree))
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_saved_file_gets_the_usual_permissions(tmp_path):
+  umask = os.umask(0o022)
+  os.umask(umask)
+  checkpoint.save_npz(_random_tree(_tiny_model(), 16), tmp_path / 'model.npz')
+  assert os.stat(tmp_path / 'model.npz').st_mode & 0o777 == 0o666 & ~umask  # Not mkstemp's 0600.
+
+
+def test_bucket_paths_go_through_epath(tmp_path, monkeypatch):
+  # The trainer's workdir may be gs://...; exercise that code path on a local file.
+  monkeypatch.setattr(checkpoint, '_is_remote', lambda path: True)
+  tree = _random_tree(_tiny_model(), 16)
+  checkpoint.save_npz(tree, tmp_path / 'remote.npz')
+  loaded = _flat(checkpoint.load_npz(tmp_path / 'remote.npz'))
+  for key, value in _flat(tree).items():
+    np.testing.assert_array_equal(loaded[key], value)
+  with pytest.raises(CheckpointError, match='absent.npz: no such file'):
+    checkpoint.load_npz(tmp_path / 'absent.npz')
+  (tmp_path / 'page.npz').write_text('<html>')
+  with pytest.raises(CheckpointError, match=r'not an \.npz \(zip\) archive, or truncated \(6 bytes'):
+    checkpoint.load_npz(tmp_path / 'page.npz')
 
 
 def test_save_writes_bfloat16_as_float32(tmp_path):
@@ -268,8 +290,8 @@ def test_load_for_model_replaces_head_and_returns_exact_float32_tree(tmp_path):
   np.testing.assert_array_equal(params['head']['bias'], np.full(3, -2.0))
   np.testing.assert_array_equal(params['stem']['kernel'],
                                 checkpoint.load_npz(path)['stem']['kernel'])
-  logits = model.apply({'params': params}, jnp.ones((1, 16, 16, 3)), train=False)
-  np.testing.assert_allclose(logits, np.full((1, 3), -2.0))
+  apply = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  np.testing.assert_allclose(apply(params, jnp.ones((1, 16, 16, 3))), np.full((1, 3), -2.0))
 
 
 def test_load_for_model_keeps_a_matching_head(tmp_path):

@@ -149,6 +149,14 @@ class Imagenet21k(tfds.core.GeneratorBasedBuilder):
       'and place it in the manual dir (default <data_dir>/downloads/manual/). See '
       'mixer/datasets/imagenet21k.py.')
 
+  # TFDS's default looks the module up through `importlib_resources`, which is
+  # not installed on Python >= 3.9 stacks (ModuleNotFoundError); the file is
+  # all it needs.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:  # pylint: disable=no-self-argument
+    return epath.Path(__file__)
+
   def __init__(self, *, synsets_file: str | None = None, **kwargs):
     self._synsets_file = synsets_file
     super().__init__(**kwargs)

@@ -74,6 +74,7 @@ def write_tfrecords(input_path: str, output: str, num_shards: int, *,
   """Writes the examples of `input_path` to `num_shards` files; returns their paths."""
   if num_shards < 1:
     raise ValueError(f'num_shards must be >= 1, got {num_shards}.')
+  tf.io.gfile.makedirs(os.path.dirname(output) or '.')
   if tf.io.gfile.isdir(input_path):
     source = imagefolder.ImageFolderSource(input_path)
     examples = [(p, [label]) for p, label in source.files(split)]
@@ -87,7 +88,6 @@ def write_tfrecords(input_path: str, output: str, num_shards: int, *,
   if not examples:
     raise ValueError(f'No examples found in {input_path!r}.')
   random.Random(seed).shuffle(examples)
-  tf.io.gfile.makedirs(os.path.dirname(output) or '.')
   paths = [tfrecord.shard_path(output, i, num_shards) for i in range(num_shards)]
   writers = [tf.io.TFRecordWriter(p) for p in paths]
   written = skipped = 0

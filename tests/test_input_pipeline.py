@@ -1,0 +1,184 @@
+"""Tests for mixer.input_pipeline: the batch contract, sharding, determinism, resume."""
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from mixer import config_lib
+from mixer import input_pipeline
+
+
+def _config(**overrides):
+  config = config_lib.base_config()
+  config.image_size = 8
+  config.batch_size = 8
+  config.eval_batch_size = 6
+  config.input.shuffle_buffer = 64
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split('.')
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _write_valued_folder(root, num_classes=3, per_class=5, split='train'):
+  """Constant-colour images; value = 20 * label + i + 1 (unique per example)."""
+  for label in range(num_classes):
+    os.makedirs(root / split / f'class{label}', exist_ok=True)
+    for i in range(per_class):
+      out = io.BytesIO()
+      Image.fromarray(np.full([7, 9, 3], 20 * label + i + 1, np.uint8)).save(out, 'PNG')
+      (root / split / f'class{label}' / f'{i}.png').write_bytes(out.getvalue())
+  return root
+
+
+def _pixel_values(images):
+  """The constant grey value of each [-1, 1] image, back on 0..255."""
+  return images.reshape(len(images), -1).mean(1) * 127.5 + 127.5
+
+
+def test_digits_train_and_eval_batches_have_the_contract_shapes():
+  config = _config(**{'input.randaug_magnitude': 10, 'input.mixup_p': 0.5})
+  batch = next(input_pipeline.create_train_iterator(config))
+  assert batch['image'].shape == (8, 8, 8, 3) and batch['image'].dtype == np.float32
+  assert -1.0 <= batch['image'].min() and batch['image'].max() <= 1.0
+  assert batch['labels'].shape == (8, 10) and batch['labels'].dtype == np.float32
+  np.testing.assert_allclose(batch['labels'].sum(1), 1.0, rtol=1e-5)
+  for eval_pp in ('resize', 'resmall_crop', 'resize_crop'):
+    data = input_pipeline.create_eval_iterator(_config(**{'input.eval_pp': eval_pp}))
+    assert data.num_examples == 360 and data.num_steps == 60 and data.local_batch_size == 6
+    first = next(iter(data))
+    assert first['image'].shape == (6, 8, 8, 3) and first['mask'].dtype == bool
+    assert first['labels'].shape == (6, 10)
+
+
+def test_labels_stay_with_their_images_through_shuffle_batch_and_mixup(tmp_path):
+  root = _write_valued_folder(tmp_path)
+  values = np.array([20 * label + i + 1 for label in range(3) for i in range(5)], float)
+  config = _config(dataset=f'imagefolder:{root}', num_classes=3,
+                   **{'input.mixup_p': 0.8, 'input.shuffle_buffer': 4})
+  for batch in _take(input_pipeline.create_train_iterator(config), 4):
+    pixels = _pixel_values(batch['image'])
+    # The mixed pixel value, per example, lies between the values of the classes
+    # that the mixed label names, weighted like the label.
+    low = np.array([20 * l + 1 for l in range(3)], float)
+    high = low + 4
+    assert np.all(pixels >= batch['labels'] @ low - 0.6)
+    assert np.all(pixels <= batch['labels'] @ high + 0.6)
+  # Without mixup every pixel value is one of the known values, of its own class.
+  config.input.mixup_p = 0.0
+  for batch in _take(input_pipeline.create_train_iterator(config), 4):
+    pixels = _pixel_values(batch['image'])
+    assert np.all(np.min(np.abs(pixels[:, None] - values[None]), 1) < 0.6)
+    np.testing.assert_array_equal((np.round(pixels) - 1) // 20, batch['labels'].argmax(1))
+
+
+def test_same_seed_same_batches_and_other_seed_other_batches():
+  config = _config(**{'input.randaug_magnitude': 15, 'input.mixup_p': 0.2,
+                      'train_split': 'train[:40]'})
+  first = _take(input_pipeline.create_train_iterator(config), 3)
+  second = _take(input_pipeline.create_train_iterator(config), 3)
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['labels'], b['labels'])
+  config.seed = 1
+  other = _take(input_pipeline.create_train_iterator(config), 3)
+  assert not np.array_equal(first[0]['image'], other[0]['image'])
+
+
+def test_start_step_resumes_exactly_across_epoch_boundaries():
+  # 40 examples, 2 processes -> 20 per process, 4 per local batch: an epoch is
+  # 5 steps, so steps 3..9 cross the boundary at step 5.
+  config = _config(**{'input.randaug_magnitude': 15, 'input.mixup_p': 0.5,
+                      'train_split': 'train[:40]'})
+  kwargs = dict(process_index=1, process_count=2)
+  full = _take(input_pipeline.create_train_iterator(config, **kwargs), 10)
+  for start in (3, 7):
+    resumed = _take(input_pipeline.create_train_iterator(config, start_step=start, **kwargs),
+                    10 - start)
+    for step, batch in enumerate(resumed, start=start):
+      np.testing.assert_array_equal(batch['image'], full[step]['image'])
+      np.testing.assert_array_equal(batch['labels'], full[step]['labels'])
+  # Epochs are reshuffled: the second epoch is not the first again.
+  assert not np.array_equal(full[0]['image'], full[5]['image'])
+
+
+def test_train_processes_read_disjoint_parts(tmp_path):
+  root = _write_valued_folder(tmp_path, per_class=4)  # 12 examples, 6 per process.
+  config = _config(dataset=f'imagefolder:{root}', num_classes=3, batch_size=4,
+                   **{'input.inception_crop': False, 'input.flip': False})
+  seen = []
+  for index in range(2):
+    batches = _take(input_pipeline.create_train_iterator(
+        config, process_index=index, process_count=2), 3)  # One epoch of 6.
+    seen.append({round(v) for b in batches for v in _pixel_values(b['image'])})
+  assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 12
+
+
+def test_padded_eval_counts_each_example_once_over_processes(tmp_path):
+  root = _write_valued_folder(tmp_path, num_classes=3, per_class=5, split='test')  # 15.
+  config = _config(dataset=f'imagefolder:{root}', num_classes=3, eval_batch_size=8)
+  values, steps = [], set()
+  for index in range(2):
+    data = input_pipeline.create_eval_iterator(config, process_index=index, process_count=2)
+    assert data.num_examples == 15 and data.local_batch_size == 4
+    batches = list(data)
+    assert len(batches) == data.num_steps
+    steps.add(data.num_steps)
+    for batch in batches:
+      values += list(np.round(_pixel_values(batch['image'][batch['mask']])))
+      assert np.all(batch['image'][~batch['mask']] == 0)
+      assert np.all(batch['labels'][~batch['mask']] == 0)
+  assert steps == {2}
+  assert sorted(values) == sorted(20 * l + i + 1 for l in range(3) for i in range(5))
+  # Re-iterable: a second pass gives the same batches.
+  data = input_pipeline.create_eval_iterator(config, process_index=0, process_count=2)
+  np.testing.assert_array_equal(next(iter(data))['image'], next(iter(data))['image'])
+
+
+def test_undecodable_image_is_skipped_without_shifting_labels(tmp_path, capfd):
+  root = _write_valued_folder(tmp_path, per_class=3)
+  (root / 'train' / 'class1' / 'zz_broken.png').write_bytes(b'this is not an image')
+  config = _config(dataset=f'imagefolder:{root}', num_classes=3, batch_size=9,
+                   **{'input.inception_crop': False, 'input.flip': False})
+  batch = next(input_pipeline.create_train_iterator(config))
+  pixels = _pixel_values(batch['image'])
+  np.testing.assert_array_equal((np.round(pixels) - 1) // 20, batch['labels'].argmax(1))
+  assert 'zz_broken.png' in capfd.readouterr().err  # The logged skip names the file.
+
+
+def test_configuration_errors_are_clear(tmp_path):
+  with pytest.raises(ValueError, match='multiple of the number of processes'):
+    input_pipeline.create_train_iterator(_config(batch_size=6), process_index=0,
+                                         process_count=4)
+  with pytest.raises(ValueError, match='Set config.num_classes=10'):
+    input_pipeline.create_train_iterator(_config(num_classes=7))
+  with pytest.raises(FileNotFoundError, match='tfds build'):
+    input_pipeline.create_train_iterator(_config(dataset='cifar10', data_dir=str(tmp_path)))
+
+
+def test_tfds_mock_datasets_give_contract_batches(tmp_path):
+  with tfds.testing.mock_data(num_examples=10):
+    config = _config(dataset='cifar10', data_dir=str(tmp_path),
+                     **{'input.randaug_magnitude': 10})
+    batch = next(input_pipeline.create_train_iterator(config))
+    assert batch['image'].shape == (8, 8, 8, 3) and batch['labels'].shape == (8, 10)
+    config = _config(dataset='imagenet2012', num_classes=1000, data_dir=str(tmp_path),
+                     eval_split='validation', **{'input.eval_pp': 'resmall_crop'})
+    data = input_pipeline.create_eval_iterator(config)
+    assert data.num_examples == 10 and data.num_steps == 2
+    data = input_pipeline.create_eval_iterator(config, dataset='imagenet2012_real')
+    batches = list(data)
+    assert batches[0]['real_labels'].shape == (6, 1000)
+    assert sum(b['mask'].sum() for b in batches) == 10
+    assert batches[0]['image'].min() >= -1 and batches[0]['image'].max() <= 1
