@@ -23,7 +23,7 @@ setuptools.setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.11',
     packages=setuptools.find_packages(include=['mixer', 'mixer.*']),
-    package_data={'mixer': ['data/*.txt']},
+    package_data={'mixer': ['data/*.txt', 'data/README.md']},
     include_package_data=True,
     install_requires=_RUNTIME,
     extras_require={

@@ -53,7 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   for field in MODEL_SIZE_FIELDS:
     c.model[field] = ml_collections.FieldReference(
         None, field_type=float if field in ('dropout_rate', 'stoch_depth') else int)
-  c.model_dtype = 'float32'    # Compute dtype ('bfloat16' for mixed precision); params stay float32.
+  # Compute dtype ('bfloat16' for mixed precision); params always stay float32.
+  c.model_dtype = 'float32'
   c.init_from = ml_collections.FieldReference(None, field_type=str)  # Released-format .npz.
   c.init_from_image_size = ml_collections.FieldReference(None, field_type=int)  # Default: 224.
   c.init_head = 'replace'      # 'replace' (zero head) or 'keep' (same label set).

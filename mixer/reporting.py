@@ -11,6 +11,7 @@ fraction), `perf/img_per_sec_per_core` and `perf/core_hours`.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -19,25 +20,59 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+import tensorflow as tf
 from clu import metric_writers
 
 METRICS_FILE = 'metrics.jsonl'
 CURVES_FILE = 'training_curves.png'
 
 
+def is_remote(path: str) -> bool:
+  """A bucket path (gs://, s3://...) rather than a local one."""
+  return '://' in path
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Creates the workdir; local paths become absolute, bucket paths stay as given."""
+  if is_remote(workdir):
+    tf.io.gfile.makedirs(workdir)
+    return workdir
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  return workdir
+
+
 class JsonlWriter(metric_writers.MetricWriter):
-  """Appends `{"step": step, name: value, ...}` lines to a file (scalars only)."""
+  """Writes `{"step": step, name: value, ...}` lines to a file (scalars only).
+
+  A resumed run extends the file. Local files are appended to; bucket storage
+  (e.g. gs://) has no append, so there the whole file is rewritten on each write
+  (it is small: one line per logged step).
+  """
 
   def __init__(self, path: str):
     self._path = path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    self._file = open(path, 'a', encoding='utf-8')  # Append: a resumed run extends the log.
+    self._remote = is_remote(path)
+    self._lines: list[str] = []
+    if self._remote:
+      if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path, 'r') as f:
+          self._lines = f.read().splitlines(keepends=True)
+      self._file = None
+    else:
+      self._file = open(path, 'a', encoding='utf-8')
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     record = {'step': int(step)}
     record.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+    line = json.dumps(record) + '\n'
+    if self._remote:
+      self._lines.append(line)
+      with tf.io.gfile.GFile(self._path, 'w') as f:
+        f.write(''.join(self._lines))
+    else:
+      self._file.write(line)
+      self._file.flush()
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -61,10 +96,12 @@ class JsonlWriter(metric_writers.MetricWriter):
     pass
 
   def flush(self):
-    self._file.flush()
+    if self._file:
+      self._file.flush()
 
   def close(self):
-    self._file.close()
+    if self._file:
+      self._file.close()
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
@@ -110,14 +147,14 @@ class Throughput:
 def plot_curves(workdir: str) -> str | None:
   """Plots train loss and eval accuracy from metrics.jsonl into training_curves.png."""
   path = os.path.join(workdir, METRICS_FILE)
-  if jax.process_index() != 0 or not os.path.exists(path):
+  if jax.process_index() != 0 or not tf.io.gfile.exists(path):
     return None
   import matplotlib  # pylint: disable=g-import-not-at-top  (plotting only at the end)
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
   series: dict[str, list[tuple[int, float]]] = {}
-  with open(path, encoding='utf-8') as f:
+  with tf.io.gfile.GFile(path, 'r') as f:
     for line in f:
       record = json.loads(line)
       for key, value in record.items():
@@ -136,6 +173,9 @@ def plot_curves(workdir: str) -> str | None:
     ax.grid(alpha=0.3)
   fig.tight_layout()
   out = os.path.join(workdir, CURVES_FILE)
-  fig.savefig(out, dpi=100)
+  image = io.BytesIO()
+  fig.savefig(image, format='png', dpi=100)
   plt.close(fig)
+  with tf.io.gfile.GFile(out, 'wb') as f:
+    f.write(image.getvalue())
   return out

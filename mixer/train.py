@@ -155,8 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   #################### Config and workdir ####################
   config_lib.validate(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = reporting.prepare_workdir(workdir)
   if config.warmup_steps >= config.total_steps:
     raise ValueError(f'config.warmup_steps={config.warmup_steps} must be below '
                      f'config.total_steps={config.total_steps}.')
@@ -357,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     curves = reporting.plot_curves(workdir)
     logging.info('Exported %s; training curves in %s.', final_path, curves)
     print(f'Final: {results}\nExported released-format weights to {final_path}\n'
-          f'Predict with:\n  python -m mixer.predict --model={config.model.name} '
+          f'Predict with (the architecture is read from the file):\n  python -m mixer.predict '
           f'--weights={final_path} --image_size={config.image_size} '
           '--labels=<one class name per line> IMAGE...')
   multihost_utils.sync_global_devices('mixer_train_done')

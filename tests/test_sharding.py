@@ -45,7 +45,8 @@ def run(mesh_axes, devices):
       state, metrics = step(state, sharding.put_local_batch(batch, mesh), dropout_rng)
       loss_values.append(float(metrics['train/loss']))
   kernel = state['params']['MixerBlock_0']['channel_mixing']['Dense_0']['kernel']
-  mu_kernel = optax.tree_utils.tree_get(state['opt_state'], 'mu')['MixerBlock_0']['channel_mixing']['Dense_0']['kernel']
+  mu = optax.tree_utils.tree_get(state['opt_state'], 'mu')
+  mu_kernel = mu['MixerBlock_0']['channel_mixing']['Dense_0']['kernel']
   return {
       'losses': loss_values,
       'params': jax.tree.map(lambda x: np.asarray(x).tolist(), state['params']),
@@ -143,7 +144,8 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
   code = r'''
 import json, ml_collections
 from mixer import sharding
-mesh = sharding.create_mesh(ml_collections.ConfigDict({'mesh': {'data': -1, 'fsdp': 1, 'model': 1}}))
+config = ml_collections.ConfigDict({'mesh': {'data': -1, 'fsdp': 1, 'model': 1}})
+mesh = sharding.create_mesh(config)
 try:
   sharding.check_batch_size(12, mesh)
   print(json.dumps('no error'))

@@ -3,6 +3,7 @@
 The slow ones (marked `slow`) train for real; `make test` runs them too.
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -17,8 +18,16 @@ from mixer import checkpoint, train
 from tests import multidevice
 
 REPO = multidevice.REPO
-sys.path.insert(0, os.path.join(REPO, 'configs'))
-import digits  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _load_digits_config():
+  spec = importlib.util.spec_from_file_location('digits', os.path.join(REPO, 'configs', 'digits.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+digits = _load_digits_config()
 
 
 def tiny_config(**overrides):
