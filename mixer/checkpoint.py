@@ -33,7 +33,6 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +58,7 @@ _TOKEN_MIXING = 'token_mixing'
 
 def _plain_tree(params: Any) -> dict[str, Any]:
   """Unboxes flax metadata (`nn.Partitioned`) and unwraps `{'params': ...}`."""
-  params = nn.meta.unbox(params)
+  params = models.unbox(params)
   if isinstance(params, Mapping) and set(params) == {'params'}:
     params = params['params']
   if not isinstance(params, Mapping):
@@ -100,8 +99,9 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, Any]:
   """Reads a released-format `.npz` into a nested dict of numpy arrays.
 
   Keys are split on `/` (`stem/kernel` -> `{'stem': {'kernel': ...}}`).
-  `path` may be local or in a bucket (gs://...). Only plain numeric arrays are read: pickled objects are refused, as in
-  vision_transformer's loader, because unpickling runs arbitrary code.
+  `path` may be local or in a bucket (gs://...). Only plain numeric arrays are
+  read: pickled objects are refused, as in vision_transformer's loader, because
+  unpickling runs arbitrary code.
 
   Raises:
     CheckpointError: the file does not exist, is not an npz (zip) archive, is
@@ -536,7 +536,7 @@ def model_param_shapes(model: models.MlpMixer, image_size: int) -> dict[str, Any
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   variables = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, train=False), images)
-  return nn.meta.unbox(variables['params'])
+  return models.unbox(variables['params'])
 
 
 def load_for_model(path: str | os.PathLike[str] | Mapping[str, Any],

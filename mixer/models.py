@@ -12,7 +12,7 @@ The parameter tree is exactly the one of Google's released `.npz` checkpoints
   head/{kernel,bias}                                   kernel initialised to zeros
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`), so
-the trainer shards it by the rules of `mixer.sharding`; `nn.unbox` gives the
+the trainer shards it by the rules of `mixer.sharding`; `unbox` gives the
 plain arrays that `mixer.checkpoint` reads and writes.
 """
 
@@ -173,6 +173,16 @@ class MlpMixer(nn.Module):
         kernel_init=_partitioned(nn.initializers.zeros, (EMBED, CLASSES)),
         bias_init=_partitioned(nn.initializers.zeros, (CLASSES,)))(x)
     return logits.astype(jnp.float32)
+
+
+def unbox(tree):
+  """The plain values inside the logical-partitioning boxes of a param tree.
+
+  Unlike `nn.unbox`, applies no sharding constraint, so it also works on
+  `jax.eval_shape` results inside a mesh context.
+  """
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned)
+                      else x, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -415,18 +415,21 @@ def randaugment(image: tf.Tensor, seed: tf.Tensor, num_layers: int = 2,
                     'before value_range.')
   layer_seeds = split_seed(seed, num_layers)
   for layer in range(num_layers):
-    op_seed, prob_seed, coin_seed, sign_seed, cutout_seed = tf.unstack(
-        split_seed(layer_seeds[layer], 5))
-    op_index = tf.random.stateless_uniform(
-        [], op_seed, minval=0, maxval=len(RANDAUG_OPS), dtype=tf.int32)
-    apply_prob = tf.random.stateless_uniform([], prob_seed, minval=0.2, maxval=0.8)
-    apply = tf.random.stateless_uniform([], coin_seed) < apply_prob
-    sign = tf.where(tf.random.stateless_uniform([], sign_seed) < 0.5, -1.0, 1.0)
-    branches = _randaug_branches(image, float(magnitude), sign, cutout_seed)
-    # tf.cond, not tf.where: a skipped op (about half of them) costs nothing.
-    image = tf.cond(
-        apply,
-        lambda: tf.cast(tf.switch_case(op_index, branches), tf.uint8),  # pylint: disable=cell-var-from-loop
-        lambda: image)  # pylint: disable=cell-var-from-loop
-    image = _set_rgb_shape(image)
+    image = _randaug_layer(image, layer_seeds[layer], magnitude)
   return image
+
+
+def _randaug_layer(image: tf.Tensor, seed: tf.Tensor, magnitude: float) -> tf.Tensor:
+  """One RandAugment layer: a random op, applied with probability U(0.2, 0.8)."""
+  op_seed, prob_seed, coin_seed, sign_seed, cutout_seed = tf.unstack(split_seed(seed, 5))
+  op_index = tf.random.stateless_uniform(
+      [], op_seed, minval=0, maxval=len(RANDAUG_OPS), dtype=tf.int32)
+  apply_prob = tf.random.stateless_uniform([], prob_seed, minval=0.2, maxval=0.8)
+  apply = tf.random.stateless_uniform([], coin_seed) < apply_prob
+  sign = tf.where(tf.random.stateless_uniform([], sign_seed) < 0.5, -1.0, 1.0)
+  branches = _randaug_branches(image, float(magnitude), sign, cutout_seed)
+  # tf.cond, not tf.where: a skipped op (about half of them) costs nothing.
+  image = tf.cond(apply,
+                  lambda: tf.cast(tf.switch_case(op_index, branches), tf.uint8),
+                  lambda: image)
+  return _set_rgb_shape(image)

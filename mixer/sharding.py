@@ -113,12 +113,6 @@ def param_shardings(boxed_abstract_params, mesh, rules):
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def strip_boxes(tree):
-  """The values inside logical-partitioning boxes, without applying any sharding constraint."""
-  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned)
-                      else x, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, params_sharding, mesh):
   """Optimizer state leaves that mirror a param get its sharding; the rest (counts) replicate."""
   abstract_state = jax.eval_shape(tx.init, abstract_params)

@@ -72,7 +72,7 @@ def abstract_train_state(init_state, tx, mesh, rules, rng):
   boxed = jax.eval_shape(functools.partial(init_state, boxed=True), rng)['params']
   params_sharding = sharding.param_shardings(boxed, mesh, rules)
   opt_sharding = sharding.opt_state_shardings(
-      tx, sharding.strip_boxes(boxed), params_sharding, mesh)
+      tx, models.unbox(boxed), params_sharding, mesh)
   state_sharding = {'step': sharding.replicated(mesh), 'params': params_sharding,
                     'opt_state': opt_sharding}
   abstract_state = jax.tree.map(
@@ -117,8 +117,8 @@ def make_train_step(model, loss_fn, tx, schedule, config, mesh):
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics = {'train/loss': loss,
-               'train/grad_norm': optax.global_norm(grads),
-               'train/param_norm': optax.global_norm(params),
+               'train/grad_norm': optax.tree.norm(grads),
+               'train/param_norm': optax.tree.norm(params),
                'train/learning_rate': schedule(state['step'])}
     return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
 

@@ -71,7 +71,7 @@ def test_labels_stay_with_their_images_through_shuffle_batch_and_mixup(tmp_path)
     pixels = _pixel_values(batch['image'])
     # The mixed pixel value, per example, lies between the values of the classes
     # that the mixed label names, weighted like the label.
-    low = np.array([20 * l + 1 for l in range(3)], float)
+    low = np.array([20 * label + 1 for label in range(3)], float)
     high = low + 4
     assert np.all(pixels >= batch['labels'] @ low - 0.6)
     assert np.all(pixels <= batch['labels'] @ high + 0.6)
@@ -140,7 +140,7 @@ def test_padded_eval_counts_each_example_once_over_processes(tmp_path):
       assert np.all(batch['image'][~batch['mask']] == 0)
       assert np.all(batch['labels'][~batch['mask']] == 0)
   assert steps == {2}
-  assert sorted(values) == sorted(20 * l + i + 1 for l in range(3) for i in range(5))
+  assert sorted(values) == sorted(20 * label + i + 1 for label in range(3) for i in range(5))
   # Re-iterable: a second pass gives the same batches.
   data = input_pipeline.create_eval_iterator(config, process_index=0, process_count=2)
   np.testing.assert_array_equal(next(iter(data))['image'], next(iter(data))['image'])

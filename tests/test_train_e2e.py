@@ -21,7 +21,8 @@ REPO = multidevice.REPO
 
 
 def _load_digits_config():
-  spec = importlib.util.spec_from_file_location('digits', os.path.join(REPO, 'configs', 'digits.py'))
+  path = os.path.join(REPO, 'configs', 'digits.py')
+  spec = importlib.util.spec_from_file_location('digits', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

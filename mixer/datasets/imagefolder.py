@@ -20,7 +20,6 @@ work: 'train[:90%]'.
 
 from __future__ import annotations
 
-import functools
 import os
 
 from absl import logging
@@ -38,6 +37,7 @@ class ImageFolderSource(core.DataSource):
   def __init__(self, root: str):
     self.name = f'imagefolder:{root}'
     self._root = root
+    self._files_cache = {}
     if not root or not tf.io.gfile.isdir(root):
       raise FileNotFoundError(
           f'imagefolder root {root!r} is not a directory. Expected the layout {_LAYOUT}; '
@@ -86,9 +86,13 @@ class ImageFolderSource(core.DataSource):
   def num_classes(self) -> int:
     return len(self._classes)
 
-  @functools.lru_cache(maxsize=None)
   def files(self, split_name: str) -> tuple[tuple[str, int], ...]:
     """(path, label) of every image of a split folder, ordered by (class, name)."""
+    if split_name not in self._files_cache:
+      self._files_cache[split_name] = self._list_files(split_name)
+    return self._files_cache[split_name]
+
+  def _list_files(self, split_name: str) -> tuple[tuple[str, int], ...]:
     if split_name not in self._splits:
       raise ValueError(f'imagefolder {self._root!r} has no split folder {split_name!r}; '
                        f'split folders: {self._splits}.')
@@ -126,7 +130,7 @@ class ImageFolderSource(core.DataSource):
   def read(self, split, *, process_index=0, process_count=1) -> tf.data.Dataset:
     examples = self._examples(split, process_index, process_count)
     paths = tf.constant([p for p, _ in examples], tf.string, shape=[len(examples)])
-    labels = tf.constant([l for _, l in examples], tf.int64, shape=[len(examples)])
+    labels = tf.constant([label for _, label in examples], tf.int64, shape=[len(examples)])
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
     # Reading the bytes is cheap next to decoding; the bytes (not the path) are
     # what the shuffle buffer holds, like with the other sources.

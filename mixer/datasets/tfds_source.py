@@ -9,8 +9,6 @@ order (`shuffle_files=False`); images stay encoded (`SkipDecoding`).
 
 from __future__ import annotations
 
-import functools
-
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -40,6 +38,7 @@ class TfdsSource(core.DataSource):
                builder: tfds.core.DatasetBuilder | None = None):
     self.name = name
     self._data_dir = data_dir
+    self._datasets = {}
     if builder is None:
       try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -73,8 +72,13 @@ class TfdsSource(core.DataSource):
       return split
     return tfds.even_splits(split, process_count)[process_index]
 
-  @functools.lru_cache(maxsize=None)
   def _as_dataset(self, split, process_index, process_count) -> tf.data.Dataset:
+    key = (split, process_index, process_count)
+    if key not in self._datasets:
+      self._datasets[key] = self._build_dataset(*key)
+    return self._datasets[key]
+
+  def _build_dataset(self, split, process_index, process_count) -> tf.data.Dataset:
     try:
       return self._builder.as_dataset(
           split=self._process_split(split, process_index, process_count),

@@ -67,6 +67,7 @@ class TFRecordSource(core.DataSource):
     self.name = f'tfrecord:{pattern}'
     self._pattern = pattern
     self._num_classes = num_classes
+    self._files_cache = {}
     if '{split}' not in pattern:
       logging.warning('tfrecord glob %r has no {split} placeholder: every split reads '
                       'the same files.', pattern)
@@ -75,9 +76,13 @@ class TFRecordSource(core.DataSource):
   def num_classes(self) -> int | None:
     return self._num_classes
 
-  @functools.lru_cache(maxsize=None)
   def files(self, split: str) -> tuple[str, ...]:
     """Sorted files of `split`."""
+    if split not in self._files_cache:
+      self._files_cache[split] = self._glob(split)
+    return self._files_cache[split]
+
+  def _glob(self, split: str) -> tuple[str, ...]:
     if '[' in split or '+' in split:
       raise ValueError(f'tfrecord sources take plain split names, not {split!r}; write '
                        'the subset as its own files (write_tfrecords --output=.../<name>).')
