@@ -59,8 +59,6 @@ Steps: the paper's fixed 10,000 steps at batch 512 = 5.12M images, ~104 epochs
 of 'train[:98%]' (49,000 images).
 """
 
-import ml_collections
-
 from mixer import config_lib, models
 
 _BATCH = 512
@@ -69,27 +67,11 @@ _BATCH = 512
 _WEIGHTS_DIR = 'mixer_models'
 
 
-def _parse_arg(arg, **defaults):
-  """Parses 'flag,key=value' (the text after ':' in --config) typed by `defaults`."""
-  args = dict(defaults)
-  for token in filter(None, (t.strip() for t in (arg or '').split(','))):
-    key, has_value, value = token.partition('=')
-    if key not in defaults:
-      raise ValueError(f'Unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}.')
-    if isinstance(defaults[key], bool):
-      if has_value and value.lower() not in ('true', 'false'):
-        raise ValueError(f'Config argument {key!r} is a flag: write {key} or {key}=false.')
-      args[key] = not has_value or value.lower() == 'true'
-    elif not has_value:
-      raise ValueError(f'Config argument {key!r} needs a value: {key}=...')
-    else:
-      args[key] = type(defaults[key])(value)
-  return ml_collections.ConfigDict(args)
 
 
 def get_config(arg=None):
   """CIFAR-10 fine-tuning of `variant` at 224; see the module docstring for `arg`."""
-  arg = _parse_arg(arg, variant='B_16', lr=0.03, init='', runlocal=False)
+  arg = config_lib.parse_arg(arg, variant='B_16', lr=0.03, init='', runlocal=False)
   name = f'Mixer-{arg.variant}'
   if name not in models.VARIANTS:
     raise ValueError(f'Unknown variant {arg.variant!r}; known: {sorted(models.VARIANTS)}.')
@@ -139,31 +121,5 @@ def get_config(arg=None):
   config.checkpoint_every = 1_000
 
   if arg.runlocal:
-    _shrink_for_local(config)
+    config_lib.shrink_for_local(config)
   return config
-
-
-def _shrink_for_local(config):
-  """Same recipe, sized for a laptop CPU: tiny model from scratch, 'digits', a few steps."""
-  config.dataset = 'digits'
-  config.train_split = 'train'
-  config.eval_split = 'test'
-  config.image_size = 16
-  config.num_classes = 10
-  config.batch_size = 16
-  config.eval_batch_size = 16
-  config.input.shuffle_buffer = 1_000
-  config.model.patch_size = 4
-  config.model.hidden_dim = 32
-  config.model.num_blocks = 2
-  config.model.tokens_mlp_dim = 16
-  config.model.channels_mlp_dim = 64
-  config.model_dtype = 'float32'  # bf16 matmuls are slow on most CPUs.
-  # No released weights fit the tiny model: train it from scratch.
-  config.init_from = None
-  config.init_from_image_size = None
-  config.warmup_steps = 5
-  config.total_steps = 30
-  config.log_every = 5
-  config.eval_every = 15
-  config.checkpoint_every = 15

@@ -39,8 +39,6 @@ Steps: total_steps = 300 epochs * 1,268,355 images / 4096 = 92,897, where
 1,268,355 = round(0.99 * 1,281,167) is the size of TFDS's 'train[:99%]'.
 """
 
-import ml_collections
-
 from mixer import config_lib
 
 _MODEL = 'Mixer-B_16'
@@ -49,27 +47,11 @@ _BATCH = 4096
 _TRAIN_IMAGES = 1_268_355  # TFDS 'train[:99%]' of ImageNet-1k's 1,281,167 images.
 
 
-def _parse_arg(arg, **defaults):
-  """Parses 'flag,key=value' (the text after ':' in --config) typed by `defaults`."""
-  args = dict(defaults)
-  for token in filter(None, (t.strip() for t in (arg or '').split(','))):
-    key, has_value, value = token.partition('=')
-    if key not in defaults:
-      raise ValueError(f'Unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}.')
-    if isinstance(defaults[key], bool):
-      if has_value and value.lower() not in ('true', 'false'):
-        raise ValueError(f'Config argument {key!r} is a flag: write {key} or {key}=false.')
-      args[key] = not has_value or value.lower() == 'true'
-    elif not has_value:
-      raise ValueError(f'Config argument {key!r} needs a value: {key}=...')
-    else:
-      args[key] = type(defaults[key])(value)
-  return ml_collections.ConfigDict(args)
 
 
 def get_config(arg=None):
   """The Table 4 ImageNet-1k recipe for Mixer-B/16; see the module docstring for `arg`."""
-  arg = _parse_arg(arg, runlocal=False, minival=False, real=False)
+  arg = config_lib.parse_arg(arg, runlocal=False, minival=False, real=False)
   config = config_lib.base_config()
 
   config.dataset = 'imagenet2012'
@@ -117,30 +99,5 @@ def get_config(arg=None):
   config.checkpoint_every = 1_000  # ~10 min of a v3-128: cheap insurance against preemption.
 
   if arg.runlocal:
-    _shrink_for_local(config)
+    config_lib.shrink_for_local(config)
   return config
-
-
-def _shrink_for_local(config):
-  """Same recipe, sized for a laptop CPU: tiny model, 'digits' data, a few steps."""
-  config.dataset = 'digits'
-  config.train_split = 'train'
-  config.eval_split = 'test'
-  config.real_eval = False
-  config.image_size = 16
-  config.num_classes = 10
-  config.init_head_bias = -2.3  # ~-log(10): keeps the sigmoid prior of the full run.
-  config.batch_size = 16
-  config.eval_batch_size = 16
-  config.input.shuffle_buffer = 1_000
-  config.model.patch_size = 4
-  config.model.hidden_dim = 32
-  config.model.num_blocks = 2
-  config.model.tokens_mlp_dim = 16
-  config.model.channels_mlp_dim = 64
-  config.model_dtype = 'float32'  # bf16 matmuls are slow on most CPUs.
-  config.warmup_steps = 5
-  config.total_steps = 30
-  config.log_every = 5
-  config.eval_every = 15
-  config.checkpoint_every = 15

@@ -51,8 +51,6 @@ Steps: total_steps = 300 epochs * 14,055,150 images / 4096 = 1,029,429, where
 undecodable files skipped, within ~0.1%).
 """
 
-import ml_collections
-
 from mixer import config_lib
 
 _MODEL = 'Mixer-B_16'
@@ -76,27 +74,11 @@ _FEWSHOT_DATASETS = {
 }
 
 
-def _parse_arg(arg, **defaults):
-  """Parses 'flag,key=value' (the text after ':' in --config) typed by `defaults`."""
-  args = dict(defaults)
-  for token in filter(None, (t.strip() for t in (arg or '').split(','))):
-    key, has_value, value = token.partition('=')
-    if key not in defaults:
-      raise ValueError(f'Unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}.')
-    if isinstance(defaults[key], bool):
-      if has_value and value.lower() not in ('true', 'false'):
-        raise ValueError(f'Config argument {key!r} is a flag: write {key} or {key}=false.')
-      args[key] = not has_value or value.lower() == 'true'
-    elif not has_value:
-      raise ValueError(f'Config argument {key!r} needs a value: {key}=...')
-    else:
-      args[key] = type(defaults[key])(value)
-  return ml_collections.ConfigDict(args)
 
 
 def get_config(arg=None):
   """The Table 4 ImageNet-21k recipe for Mixer-B/16; see the module docstring for `arg`."""
-  arg = _parse_arg(arg, runlocal=False)
+  arg = config_lib.parse_arg(arg, runlocal=False)
   config = config_lib.base_config()
 
   config.dataset = 'imagenet21k'
@@ -147,34 +129,5 @@ def get_config(arg=None):
   config.fewshot.shots = (1, 5, 10, 25)
 
   if arg.runlocal:
-    _shrink_for_local(config)
+    config_lib.shrink_for_local(config)
   return config
-
-
-def _shrink_for_local(config):
-  """Same recipe, sized for a laptop CPU: tiny model, 'digits' data, a few steps."""
-  config.dataset = 'digits'
-  config.train_split = 'train'
-  config.eval_split = 'test'
-  config.image_size = 16
-  config.num_classes = 10
-  config.init_head_bias = -2.3  # ~-log(10): keeps the sigmoid prior of the full run.
-  config.batch_size = 16
-  config.eval_batch_size = 16
-  config.input.shuffle_buffer = 1_000
-  config.model.patch_size = 4
-  config.model.hidden_dim = 32
-  config.model.num_blocks = 2
-  config.model.tokens_mlp_dim = 16
-  config.model.channels_mlp_dim = 64
-  config.model_dtype = 'float32'  # bf16 matmuls are slow on most CPUs.
-  config.warmup_steps = 5
-  config.total_steps = 30
-  config.log_every = 5
-  config.eval_every = 15
-  config.checkpoint_every = 15
-  # Still exercise the few-shot evaluator, on digits (10 classes, >= 5 per class).
-  config.fewshot.datasets = {'digits': ('digits', 'train', 'test')}
-  config.fewshot.every_steps = 15
-  config.fewshot.shots = (1, 5)
-  config.fewshot.num_seeds = 1

@@ -104,6 +104,65 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses a config argument 'flag,key=value' (the text after ':' in --config).
+
+  Values are typed by `defaults`; a bool default makes a flag (`runlocal` or
+  `runlocal=false`). An unknown argument is an error listing the known ones.
+  """
+  args = dict(defaults)
+  for token in filter(None, (t.strip() for t in (arg or '').split(','))):
+    key, has_value, value = token.partition('=')
+    if key not in defaults:
+      raise ValueError(f'Unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}.')
+    if isinstance(defaults[key], bool):
+      if has_value and value.lower() not in ('true', 'false'):
+        raise ValueError(f'Config argument {key!r} is a flag: write {key} or {key}=false.')
+      args[key] = not has_value or value.lower() == 'true'
+    elif not has_value:
+      raise ValueError(f'Config argument {key!r} needs a value: {key}=...')
+    else:
+      args[key] = type(defaults[key])(value)
+  return ml_collections.ConfigDict(args)
+
+
+def shrink_for_local(config: ml_collections.ConfigDict, resolution_factor: int = 1) -> None:
+  """The `runlocal` variant: same recipe, sized for a laptop CPU (in place).
+
+  Tiny model (patch 4, width 32, 2 blocks), the embedded 'digits' data at
+  16 px (times `resolution_factor`, keeping a fine-tuning config's K^2 token
+  growth and its Appendix C widening of tokens_mlp_dim), batch 16, 30 steps,
+  trained from scratch. Optimiser, loss, augmentation and evaluators stay.
+  """
+  k = resolution_factor
+  config.dataset = 'digits'
+  config.train_split = 'train'
+  config.eval_split = 'test'
+  config.real_eval = False
+  config.image_size = 16 * k
+  config.num_classes = 10
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.input.shuffle_buffer = 1_000
+  config.model.update(patch_size=4, hidden_dim=32, num_blocks=2, tokens_mlp_dim=16 * k * k,
+                      channels_mlp_dim=64)
+  config.model_dtype = 'float32'  # bf16 matmuls are slow on most CPUs.
+  config.init_from = None  # No released weights fit the tiny model.
+  config.init_from_image_size = None
+  if config.loss == 'sigmoid_xent':
+    config.init_head_bias = -2.3  # ~-log(10): keeps the sigmoid prior of the full run.
+  config.warmup_steps = 5
+  config.total_steps = 30
+  config.log_every = 5
+  config.eval_every = 15
+  config.checkpoint_every = 15
+  if config.fewshot.every_steps:  # Still exercise the few-shot evaluator, on digits.
+    config.fewshot.datasets = {'digits': ('digits', 'train', 'test')}
+    config.fewshot.every_steps = 15
+    config.fewshot.shots = (1, 5)
+    config.fewshot.num_seeds = 1
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming any key that `base_config()` does not have."""
   _check_keys(config, base_config(), prefix='')

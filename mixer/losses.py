@@ -32,14 +32,19 @@ def softmax_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
   Args:
     logits: `[N, C]`, any float dtype.
-    labels: `[N, C]` float targets; rows should sum to 1 (one-hot or mixup).
+    labels: `[N, C]` float targets (one-hot, mixup-soft or multi-hot). Each row
+      is normalised to sum to 1, so a multi-hot row (several true classes, as in
+      ImageNet-21k or JFT) is a uniform target over its classes; an all-zero
+      row (no label) gives loss 0.
 
   Returns:
     `[N]` float32 losses.
   """
   _check_shapes(logits, labels)
+  labels = labels.astype(jnp.float32)
+  labels = labels / jnp.maximum(jnp.sum(labels, axis=-1, keepdims=True), 1e-12)
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.sum(labels.astype(jnp.float32) * log_probs, axis=-1)
+  return -jnp.sum(labels * log_probs, axis=-1)
 
 
 def sigmoid_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:

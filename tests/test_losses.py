@@ -78,3 +78,13 @@ def test_get_loss_fn():
 def test_rejects_integer_labels():
   with pytest.raises(ValueError, match='one-hot'):
     losses.softmax_xent(jnp.zeros((4, 3)), jnp.zeros((4,)))
+
+
+def test_softmax_xent_multi_hot_is_a_uniform_target_and_empty_rows_are_zero():
+  logits = np.random.default_rng(3).normal(size=(3, 4)).astype(np.float32)
+  labels = np.array([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]], np.float32)
+  loss = np.asarray(losses.softmax_xent(jnp.asarray(logits), jnp.asarray(labels)))
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  np.testing.assert_allclose(loss[0], -(log_probs[0, 0] + log_probs[0, 2]) / 2, rtol=1e-5)
+  assert loss[1] == 0.0
+  np.testing.assert_allclose(loss[2], -log_probs[2, 1], rtol=1e-5)
