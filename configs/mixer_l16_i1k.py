@@ -42,67 +42,9 @@ Steps: total_steps = 300 epochs * 1,268,355 images / 4096 = 92,897, where
 1,268,355 = round(0.99 * 1,281,167) is the size of TFDS's 'train[:99%]'.
 """
 
-from mixer import config_lib
-
-_MODEL = 'Mixer-L_16'
-_EPOCHS = 300
-_BATCH = 4096
-_TRAIN_IMAGES = 1_268_355  # TFDS 'train[:99%]' of ImageNet-1k's 1,281,167 images.
-
-
+from mixer import recipes
 
 
 def get_config(arg=None):
   """The Table 4 ImageNet-1k recipe for Mixer-L/16; see the module docstring for `arg`."""
-  arg = config_lib.parse_arg(arg, runlocal=False, minival=False, real=False)
-  config = config_lib.base_config()
-
-  config.dataset = 'imagenet2012'
-  config.train_split = 'train[:99%]'  # The paper holds out 1% of train for tuning.
-  config.eval_split = 'train[99%:]' if arg.minival else 'validation'
-  config.real_eval = arg.real
-  config.image_size = 224
-  config.num_classes = 1000
-  config.batch_size = _BATCH
-  config.eval_batch_size = _BATCH
-  # Encoded JPEGs (~110 kB each): 250k per host is ~27 GB of host RAM, fine on a
-  # TPU VM; lower it on smaller hosts (big_vision#36: host OOM).
-  config.input.shuffle_buffer = 250_000
-  config.input.inception_crop = True
-  config.input.flip = True
-  config.input.randaug_layers = 2
-  config.input.randaug_magnitude = 15
-  config.input.mixup_p = 0.5
-  config.input.eval_pp = 'resmall_crop'  # Table 3's evaluation pre-processing.
-
-  config.model.name = _MODEL
-  config.model.dropout_rate = 0.0
-  config.model.stoch_depth = 0.1
-  config.model_dtype = 'bfloat16'  # Matmuls in bf16 on TPU; params stay float32.
-  # Sigmoid loss with the head bias at ~-log(num_classes) so the initial
-  # per-class probabilities are ~1/1000 (big_vision's mlp_mixer_i1k recipe).
-  config.loss = 'sigmoid_xent'
-  config.init_head_bias = -6.9
-
-  config.optimizer = 'adam'
-  config.lr = 1e-3
-  config.weight_decay = 0.1
-  config.warmup_steps = 10_000
-  config.total_steps = _EPOCHS * _TRAIN_IMAGES // _BATCH  # = 92,897.
-  config.decay_type = 'linear'
-  config.linear_end = 1e-5
-  config.grad_clip_norm = 1.0
-  config.mu_dtype = 'bfloat16'  # Halves Adam's first moment, as big_vision does.
-
-  # Pure data parallelism: L/16 params + grads + Adam state (bf16 mu) are
-  # ~2.9 GB, well inside a v3 core's 16 GB. Use --config.mesh.fsdp=N to shard
-  # them on smaller-memory devices.
-  config.mesh = {'data': -1, 'fsdp': 1, 'model': 1}
-
-  config.log_every = 50
-  config.eval_every = 2_500
-  config.checkpoint_every = 1_000  # a few minutes of a pod: cheap insurance against preemption.
-
-  if arg.runlocal:
-    config_lib.shrink_for_local(config)
-  return config
+  return recipes.imagenet1k_from_scratch('Mixer-L_16', arg)

@@ -51,83 +51,10 @@ Steps: total_steps = 300 epochs * 14,055,150 images / 4096 = 1,029,429, where
 undecodable files skipped, within ~0.1%).
 """
 
-from mixer import config_lib
-
-_MODEL = 'Mixer-L_16'
-_RANDAUG_MAGNITUDE = 20
-_MIXUP = 0.5
-_EPOCHS = 300
-_BATCH = 4096
-# ~99% of the fall 2011 release's 14,197,122 images: the builder's 'train' split.
-_TRAIN_IMAGES = 14_197_122 * 99 // 100
-
-# Few-shot linear probes on frozen pre-logits (paper §3 "Metrics"), as in
-# big_vision's common_fewshot: name -> (TFDS name, train split, test split).
-# The first 65k ImageNet train images have >= 30 images of every class, enough
-# for 25 shots. Drop entries whose TFDS data you have not prepared.
-_FEWSHOT_DATASETS = {
-    'imagenet': ('imagenet2012', 'train[:65000]', 'validation'),
-    'cifar100': ('cifar100', 'train', 'test'),
-    'pets': ('oxford_iiit_pet', 'train', 'test'),
-    'caltech': ('caltech101', 'train', 'test'),
-    'dtd': ('dtd', 'train', 'test'),
-}
-
-
+from mixer import recipes
 
 
 def get_config(arg=None):
   """The Table 4 ImageNet-21k recipe for Mixer-L/16; see the module docstring for `arg`."""
-  arg = config_lib.parse_arg(arg, runlocal=False)
-  config = config_lib.base_config()
-
-  config.dataset = 'imagenet21k'
-  config.train_split = 'train'
-  config.eval_split = 'validation'
-  config.image_size = 224
-  config.num_classes = 21843  # The class count of Google's released i21k heads.
-  config.batch_size = _BATCH
-  config.eval_batch_size = _BATCH
-  # Encoded JPEGs (~110 kB each): 250k per host is ~27 GB of host RAM, fine on a
-  # TPU VM; lower it on smaller hosts (big_vision#36: host OOM).
-  config.input.shuffle_buffer = 250_000
-  config.input.inception_crop = True
-  config.input.flip = True
-  config.input.randaug_layers = 2
-  config.input.randaug_magnitude = _RANDAUG_MAGNITUDE
-  config.input.mixup_p = _MIXUP
-  config.input.eval_pp = 'resmall_crop'
-
-  config.model.name = _MODEL
-  config.model.dropout_rate = 0.0
-  config.model.stoch_depth = 0.1
-  config.model_dtype = 'bfloat16'  # Matmuls in bf16 on TPU; params stay float32.
-  config.loss = 'sigmoid_xent'
-  config.init_head_bias = -10.0
-
-  config.optimizer = 'adam'
-  config.lr = 1e-3
-  config.weight_decay = 0.1
-  config.warmup_steps = 10_000
-  config.total_steps = _EPOCHS * _TRAIN_IMAGES // _BATCH
-  config.decay_type = 'linear'
-  config.linear_end = 1e-5
-  config.grad_clip_norm = 1.0
-  config.mu_dtype = 'bfloat16'  # Halves Adam's first moment, as big_vision does.
-
-  # Pure data parallelism: L/16 params + grads + Adam state (bf16 mu) are
-  # ~2.9 GB plus a 21843-class head (22M params), well inside a v3 core's 16 GB.
-  # On smaller-memory devices shard them with --config.mesh.fsdp=N (N | devices).
-  config.mesh = {'data': -1, 'fsdp': 1, 'model': 1}
-
-  config.log_every = 50
-  config.eval_every = 10_000
-  config.checkpoint_every = 2_000
-
-  config.fewshot.datasets = _FEWSHOT_DATASETS
-  config.fewshot.every_steps = 25_000
-  config.fewshot.shots = (1, 5, 10, 25)
-
-  if arg.runlocal:
-    config_lib.shrink_for_local(config)
-  return config
+  return recipes.imagenet21k_pretraining(
+      'Mixer-L_16', randaug_magnitude=20, mixup_p=0.5, arg=arg)
