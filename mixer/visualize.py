@@ -78,7 +78,8 @@ def _mean_frequency(units: np.ndarray) -> np.ndarray:
 
 
 def paired_order(units: np.ndarray) -> list[int]:
-  """Unit indices: opposite-phase pairs (greedy, most anti-correlated first), low frequency first."""
+  """Unit indices: opposite-phase pairs (greedy, most anti-correlated first), low frequencies
+  first."""
   flat = units.reshape(len(units), -1)
   flat = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-30)
   correlation = flat @ flat.T

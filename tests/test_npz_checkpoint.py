@@ -87,7 +87,8 @@ def test_save_accepts_numpy_jax_and_variables_dict(tmp_path):
   as_jax = jax.tree.map(jnp.asarray, tree)
   checkpoint.save_npz({'params': as_jax}, tmp_path / 'a.npz')
   checkpoint.save_npz(tree, tmp_path / 'b.npz')
-  a, b = _flat(checkpoint.load_npz(tmp_path / 'a.npz')), _flat(checkpoint.load_npz(tmp_path / 'b.npz'))
+  a = _flat(checkpoint.load_npz(tmp_path / 'a.npz'))
+  b = _flat(checkpoint.load_npz(tmp_path / 'b.npz'))
   assert set(a) == set(b) == set(_flat(tree))
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])
@@ -111,7 +112,8 @@ def test_bucket_paths_go_through_epath(tmp_path, monkeypatch):
   with pytest.raises(CheckpointError, match='absent.npz: no such file'):
     checkpoint.load_npz(tmp_path / 'absent.npz')
   (tmp_path / 'page.npz').write_text('<html>')
-  with pytest.raises(CheckpointError, match=r'not an \.npz \(zip\) archive, or truncated \(6 bytes'):
+  with pytest.raises(CheckpointError,
+                     match=r'not an \.npz \(zip\) archive, or truncated \(6 bytes'):
     checkpoint.load_npz(tmp_path / 'page.npz')
 
 
@@ -221,7 +223,8 @@ def test_unexpected_key_is_named():
   expected = _shapes('Mixer-B_16', 1000)
   params = _flat(expected)
   params['pre_logits/kernel'] = jax.ShapeDtypeStruct((768, 768), jnp.float32)
-  with pytest.raises(CheckpointError, match=r'unexpected key pre_logits/kernel \(shape \(768, 768\)'):
+  with pytest.raises(CheckpointError,
+                     match=r'unexpected key pre_logits/kernel \(shape \(768, 768\)'):
     checkpoint.check_params(traverse_util.unflatten_dict(params, sep='/'), expected)
 
 
@@ -305,7 +308,8 @@ def test_load_for_model_keeps_a_matching_head(tmp_path):
 def test_load_for_model_keep_with_other_head_is_a_clear_error(tmp_path):
   path = tmp_path / 'model.npz'
   checkpoint.save_npz(_random_tree(_tiny_model(num_classes=21), 16), path)
-  with pytest.raises(CheckpointError, match=r'(?s)model\.npz at 16 px: .*head/kernel.*replace_head'):
+  with pytest.raises(CheckpointError,
+                     match=r'(?s)model\.npz at 16 px: .*head/kernel.*replace_head'):
     checkpoint.load_for_model(path, _tiny_model(num_classes=3), 16, head='keep')
 
 

@@ -52,7 +52,7 @@ def main_command(workdir, *flags, config='configs/digits.py'):
           '--config.model.hidden_dim=32', '--config.model.num_blocks=2',
           '--config.model.tokens_mlp_dim=16', '--config.model.channels_mlp_dim=64',
           '--config.image_size=16', '--config.batch_size=32', '--config.eval_batch_size=40',
-          *flags]
+          '--config.warmup_steps=2', *flags]
 
 
 def run_main(workdir, *flags, num_devices=1, timeout=600):
@@ -229,3 +229,47 @@ def test_batch_not_divisible_by_devices_is_refused_by_the_trainer(tmp_path):
                           capture_output=True, text=True, env=multidevice.subprocess_env(8))
   assert result.returncode != 0
   assert 'is not divisible by the 8 data-parallel devices' in result.stderr
+
+
+@pytest.mark.slow
+def test_flagship_config_runs_locally_with_fewshot(tmp_path):
+  """`configs/mixer_l16_i21k.py:runlocal`: the same recipe (sigmoid, RandAugment 20, mixup,
+  stochastic depth, bf16 Adam moment, few-shot probes) on the embedded digits."""
+  path = os.path.join(REPO, 'configs', 'mixer_l16_i21k.py')
+  spec = importlib.util.spec_from_file_location('mixer_l16_i21k', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('runlocal')
+  assert config.input.randaug_magnitude == 20 and config.loss == 'sigmoid_xent'
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert results['step'] == config.total_steps
+  for shots in (1, 5):
+    assert 0.0 < results[f'fewshot/digits_{shots}shot'] <= 1.0
+  fewshot_steps = [r['step'] for r in read_metrics(str(tmp_path)) if 'fewshot/digits_5shot' in r]
+  assert fewshot_steps == [15, 30]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tmp_path):
+  workdir = str(tmp_path)
+  flags = ('--config.total_steps=2000', '--config.checkpoint_every=1000',
+           '--config.eval_every=5000', '--config.log_every=50')
+  process = subprocess.Popen(main_command(workdir, *flags), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=multidevice.subprocess_env(1))
+  deadline = time.time() + 300
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  while time.time() < deadline and process.poll() is None and not (
+      os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0):
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)  # What a preemption / SLURM / Kubernetes sends first.
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+  assert 'Preemption at step' in stderr
+  saved = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()]
+  assert len(saved) == 1 and 50 <= saved[0] < 1000  # Saved off-schedule, at the signal.
+  assert not os.path.exists(os.path.join(workdir, 'final.npz'))
+  resumed = run_main(workdir, '--config.total_steps=' + str(saved[0] + 20),
+                     '--config.checkpoint_every=1000', '--config.eval_every=5000',
+                     '--config.log_every=10')
+  assert f'Resumed from step {saved[0]}' in resumed.stderr
+  assert os.path.exists(os.path.join(workdir, 'final.npz'))
