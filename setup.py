@@ -22,7 +22,9 @@ setuptools.setup(
     long_description=(_HERE / 'README.md').read_text(),
     long_description_content_type='text/markdown',
     python_requires='>=3.11',
-    packages=setuptools.find_packages(include=['mixer', 'mixer.*']),
+    # Namespace discovery so the data folder (class names) is a package too.
+    packages=setuptools.find_namespace_packages(include=['mixer', 'mixer.*'],
+                                                exclude=['*.__pycache__']),
     package_data={'mixer': ['data/*.txt', 'data/README.md']},
     include_package_data=True,
     install_requires=_RUNTIME,

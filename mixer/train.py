@@ -249,6 +249,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   #################### Evaluators ####################
   evaluator = classification.ClassificationEvaluator(model, loss_fn, mesh, eval_data)
+  real_evaluator = None
+  if config.real_eval:  # ImageNet ReaL labels (Beyer et al. 2020) for the validation images.
+    real_evaluator = classification.ClassificationEvaluator(
+        model, loss_fn, mesh, input_pipeline.create_eval_iterator(
+            config, dataset='imagenet2012_real', split='validation'), prefix='real')
 
   @jax.jit
   def _prelogits(params, images):
@@ -269,6 +274,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def evaluate(params, step):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       results = evaluator.run(params)
+      if real_evaluator:
+        results['eval/real_accuracy'] = real_evaluator.run(params)['real/real_accuracy']
       if fewshot_evaluator and (step % config.fewshot.every_steps == 0
                                 or step == config.total_steps):
         results.update(fewshot_evaluator.run(params))

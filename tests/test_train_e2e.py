@@ -289,3 +289,16 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tmp_path):
                      '--config.log_every=10')
   assert f'Resumed from step {saved[0]}' in resumed.stderr
   assert os.path.exists(os.path.join(workdir, 'final.npz'))
+
+
+def test_tfds_imagenet_with_real_labels_through_the_trainer(tmp_path):
+  """The TFDS source (mock data, offline) end to end, with the ReaL evaluator on."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  config = tiny_config(dataset='imagenet2012', train_split='train', eval_split='validation',
+                       num_classes=1000, total_steps=4, eval_every=4, checkpoint_every=4,
+                       log_every=2, real_eval=True, batch_size=8, eval_batch_size=8)
+  with tfds.testing.mock_data(num_examples=12):
+    results = train.train_and_evaluate(config, str(tmp_path))
+  assert results['step'] == 4
+  assert 0.0 <= results['eval/accuracy'] <= 1.0
+  assert 0.0 <= results['eval/real_accuracy'] <= 1.0
