@@ -9,6 +9,7 @@ clusters, several processes on one machine).
 """
 
 import importlib.util
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -94,13 +95,13 @@ class _QuietLibraries:
   """Drops INFO records of orbax (several lines per save) so progress stays readable."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_logger().addFilter(_QuietLibraries())
   initialize_distributed()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # tf.data runs on the host; the GPUs are JAX's.
