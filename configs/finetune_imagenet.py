@@ -54,8 +54,9 @@ Local debug run (tiny model trained from scratch on 'digits': no weights needed)
 
   python -m mixer.main --config=configs/finetune_imagenet.py:runlocal --workdir=/tmp/ft_local
 
-Weights: the loader reads local files only. Fetch the released ones first, on
-every host of a pod (in ~/mixer, the directory the run starts in):
+Weights: init_from may be a local path or gs://mixer_models/... (read with
+etils.epath; needs network access and credentials on every host). Or fetch
+the released files first, on every host of a pod (in ~/mixer, where the run starts):
 
   launch/tpu_pod.sh ssh 'cd ~/mixer && mkdir -p mixer_models/imagenet21k && curl -sSf \
     -o mixer_models/imagenet21k/Mixer-B_16.npz \

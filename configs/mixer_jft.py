@@ -57,7 +57,7 @@ Steps: total_steps = epochs * 303,000,000 images / 4096, with 303M the size of
 JFT-300M given by the ViT paper (§4.1); e.g. B_16: 7 * 303e6 / 4096 = 517,822.
 """
 
-from mixer import config_lib
+from mixer import config_lib, recipes
 
 _BATCH = 4096
 _TRAIN_IMAGES = 303_000_000  # JFT-300M ("303M high-resolution images", ViT paper).
@@ -74,24 +74,12 @@ _RECIPES = {
     'H_14': (1e-3, 14),
 }
 
-# Few-shot linear probes on frozen pre-logits (paper §3 "Metrics"; ImageNet
-# 5-shot is the paper's transfer proxy, §3.3): name -> (TFDS name, train split,
-# test split). Drop entries whose TFDS data you have not prepared.
-_FEWSHOT_DATASETS = {
-    'imagenet': ('imagenet2012', 'train[:65000]', 'validation'),
-    'cifar100': ('cifar100', 'train', 'test'),
-    'pets': ('oxford_iiit_pet', 'train', 'test'),
-    'caltech': ('caltech101', 'train', 'test'),
-    'dtd': ('dtd', 'train', 'test'),
-}
-
-
 
 
 def get_config(arg=None):
   """JFT pre-training of `variant`; see the module docstring for `arg`."""
-  arg = config_lib.parse_arg(arg, variant='B_16', epochs=0, tfrecords='gs://YOUR_BUCKET/jft300m',
-                   runlocal=False)
+  arg = config_lib.parse_arg(arg, variant='B_16', epochs=0,
+                             tfrecords='gs://YOUR_BUCKET/jft300m', runlocal=False)
   if arg.variant not in _RECIPES:
     raise ValueError(f'Unknown JFT variant {arg.variant!r}; choose one of {sorted(_RECIPES)}.')
   lr, epochs = _RECIPES[arg.variant]
@@ -103,8 +91,6 @@ def get_config(arg=None):
   config.eval_split = 'validation'
   config.image_size = 224
   config.num_classes = _NUM_CLASSES
-  config.batch_size = _BATCH
-  config.eval_batch_size = _BATCH
   # JFT is far larger than any buffer; 250k examples per host (~25 GB of encoded
   # images) is what fits a TPU VM host comfortably (big_vision#36: host OOM).
   config.input.shuffle_buffer = 250_000
@@ -118,30 +104,17 @@ def get_config(arg=None):
   config.model.name = f'Mixer-{arg.variant}'
   config.model.dropout_rate = 0.0
   config.model.stoch_depth = 0.0
-  config.model_dtype = 'bfloat16'  # Matmuls in bf16 on TPU; params stay float32.
   config.loss = 'sigmoid_xent'
   config.init_head_bias = -10.0
 
-  config.optimizer = 'adam'
-  config.lr = lr
-  config.weight_decay = 0.03
-  config.warmup_steps = 10_000
-  config.total_steps = epochs * _TRAIN_IMAGES // _BATCH
-  config.decay_type = 'linear'
-  config.linear_end = 1e-5
-  config.grad_clip_norm = 1.0
-  config.mu_dtype = 'bfloat16'
-
-  # Pure data parallelism fits every size on 16 GB v3 cores (H/14: 431M params,
-  # ~6 GB with grads and bf16-mu Adam state). Shard params and optimizer state
-  # with --config.mesh.fsdp=N where activations need the room.
-  config.mesh = {'data': -1, 'fsdp': 1, 'model': 1}
+  recipes.adam_pretraining(config, epochs=epochs, train_images=_TRAIN_IMAGES, lr=lr,
+                           weight_decay=0.03, batch_size=_BATCH)
 
   config.log_every = 50
   config.eval_every = 10_000
   config.checkpoint_every = 2_000
 
-  config.fewshot.datasets = _FEWSHOT_DATASETS
+  config.fewshot.datasets = recipes.FEWSHOT_DATASETS
   config.fewshot.every_steps = 25_000
   config.fewshot.shots = (1, 5, 10, 25)
 
