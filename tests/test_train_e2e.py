@@ -3,6 +3,7 @@
 The slow ones (marked `slow`) train for real; `make test` runs them too.
 """
 
+import glob
 import importlib.util
 import json
 import os
@@ -64,8 +65,10 @@ def run_main(workdir, *flags, num_devices=1, timeout=600):
 
 def test_smoke_run_writes_metrics_checkpoints_and_export(tmp_path):
   workdir = str(tmp_path)
-  results = train.train_and_evaluate(tiny_config(), workdir)
+  results = train.train_and_evaluate(tiny_config(profile_steps=(4, 6)), workdir)
   assert results['step'] == 12
+  profiles = glob.glob(os.path.join(workdir, 'profile', 'plugins', 'profile', '*', '*.xplane.pb'))
+  assert len(profiles) == 1  # The profiler window of config.profile_steps.
   records = read_metrics(workdir)
   train_records = [r for r in records if 'train/loss' in r]
   assert [r['step'] for r in train_records] == [4, 8, 12]
