@@ -71,14 +71,24 @@ def create_mesh(config, devices: Sequence[Any] | None = None) -> jax.sharding.Me
   if slices == 1:
     shape = _resolve_sizes(dict(config.mesh), len(devices), 'config.mesh')
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
-  # Multislice: the DCN (between slices) part of each axis, by default all on `data`.
+  return jax.sharding.Mesh(multislice_device_grid(config, devices), MESH_AXES,
+                           axis_types=axis_types)
+
+
+def multislice_device_grid(config, devices: Sequence[Any]) -> np.ndarray:
+  """Devices of several slices arranged as `data` x `fsdp` x `model`.
+
+  `config.mesh` is the layout inside one slice (fast ICI links); `config.dcn_mesh`
+  says how the slices (slow DCN links) combine, by default all along `data`, so
+  only the gradient all-reduce crosses slices.
+  """
+  slices = num_slices(devices)
   dcn = dict(config.get('dcn_mesh', {}))
   if math.prod(dcn.values() or [1]) == 1:
     dcn = {'data': slices}
   dcn_shape = _resolve_sizes(dcn, slices, 'config.dcn_mesh')
   ici_shape = _resolve_sizes(dict(config.mesh), len(devices) // slices, 'config.mesh (per slice)')
-  device_grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
-  return jax.sharding.Mesh(device_grid, MESH_AXES, axis_types=axis_types)
+  return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
 
 
 def logical_rules(config) -> tuple[tuple[str, Any], ...]:

@@ -2,6 +2,7 @@
 
 import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from mixer import sharding
@@ -155,3 +156,37 @@ except ValueError as e:
 '''
   message = multidevice.run_with_devices(code, num_devices=8)
   assert 'config.batch_size=12 is not divisible by the 8 data-parallel devices' in message
+
+
+class _FakeTpuDevice:
+  """Stands in for a TPU v3 core of a multislice job (slice_index, coords)."""
+
+  def __init__(self, index, slice_index, cores_per_slice):
+    local = index % cores_per_slice
+    self.id = index
+    self.slice_index = slice_index
+    self.process_index = index // 2
+    self.platform = 'tpu'
+    self.device_kind = 'TPU v3'
+    self.coords = (local // 2 % 2, local // 4, 0)
+    self.core_on_chip = local % 2
+
+  def __repr__(self):
+    return f'core{self.id}@slice{self.slice_index}'
+
+
+def test_multislice_grid_puts_slices_on_the_data_axis():
+  devices = [_FakeTpuDevice(i, i // 8, 8) for i in range(16)]
+  assert sharding.num_slices(devices) == 2
+  config = ml_collections.ConfigDict({'mesh': {'data': -1, 'fsdp': 2, 'model': 1},
+                                      'dcn_mesh': {'data': 1, 'fsdp': 1, 'model': 1}})
+  grid = sharding.multislice_device_grid(config, devices)
+  assert grid.shape == (8, 2, 1)
+  # Each slice fills its own half of `data`: only the data-parallel reduction crosses DCN,
+  # FSDP's all-gathers stay inside a slice.
+  slice_of = np.vectorize(lambda d: d.slice_index)(grid)
+  assert (slice_of[:4] == 0).all() and (slice_of[4:] == 1).all()
+  assert all(len(set(slice_of[i, :, 0])) == 1 for i in range(8))
+  with pytest.raises(ValueError, match='config.dcn_mesh'):
+    config.dcn_mesh.update(data=3)
+    sharding.multislice_device_grid(config, devices)
