@@ -125,6 +125,31 @@ def make_train_step(model, loss_fn, tx, schedule, config, mesh):
   return train_step
 
 
+def compile_train_step(model, loss_fn, tx, schedule, config, mesh, rules, abstract_state,
+                       state_sharding, rng):
+  """Ahead-of-time compiled update step for global batches of `config.batch_size`.
+
+  Only shapes and shardings are needed (no data, no state in memory), so the
+  same call compiles for a TPU topology from a CPU machine (`mixer.compile_check`).
+  The state argument is donated: the step updates it in place.
+  """
+  repl = sharding.replicated(mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  abstract_batch = {
+      'image': jax.ShapeDtypeStruct((config.batch_size, config.image_size, config.image_size, 3),
+                                    jnp.float32, sharding=batch_sharding),
+      'labels': jax.ShapeDtypeStruct((config.batch_size, config.num_classes), jnp.float32,
+                                     sharding=batch_sharding)}
+  abstract_rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=repl)
+  train_step = jax.jit(
+      make_train_step(model, loss_fn, tx, schedule, config, mesh),
+      in_shardings=(state_sharding, batch_sharding, repl),
+      out_shardings=(state_sharding, repl),
+      donate_argnums=(0,))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return train_step.lower(abstract_state, abstract_batch, abstract_rng).compile()
+
+
 def _log_memory(compiled) -> None:
   try:
     memory = compiled.memory_analysis()
@@ -231,19 +256,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_data = input_pipeline.create_eval_iterator(config)
 
   #################### Compile the update step ####################
-  train_step = jax.jit(
-      make_train_step(model, loss_fn, tx, schedule, config, mesh),
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh), repl),
-      out_shardings=(state_sharding, repl),
-      donate_argnums=(0,))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract_batch = {
-        'image': jax.ShapeDtypeStruct((config.batch_size, config.image_size, config.image_size, 3),
-                                      jnp.float32, sharding=sharding.batch_sharding(mesh)),
-        'labels': jax.ShapeDtypeStruct((config.batch_size, config.num_classes), jnp.float32,
-                                       sharding=sharding.batch_sharding(mesh))}
-    compile_start = time.perf_counter()
-    compiled_step = train_step.lower(state, abstract_batch, dropout_rng).compile()
+  compile_start = time.perf_counter()
+  compiled_step = compile_train_step(model, loss_fn, tx, schedule, config, mesh, rules,
+                                     abstract_state, state_sharding, dropout_rng)
   logging.info('Compiled the train step in %.1f s.', time.perf_counter() - compile_start)
   _log_memory(compiled_step)
 

@@ -1,0 +1,126 @@
+"""Does a config fit a TPU slice? Compile its train step for the slice, from any machine.
+
+  python -m mixer.compile_check --config=configs/mixer_l16_i21k.py --topology=v3-128
+
+compiles the trainer's real update step (the same `train.compile_train_step`
+the run uses: model, optimizer, mesh and sharding rules from the config) for
+the devices of a TPU topology, without the TPU, and prints the per-device
+memory XLA plans (arguments, outputs, temporaries) against the chip's HBM, as
+MaxText's `train_compile` does. It needs the TPU compiler, libtpu
+(`pip install -c constraints.txt -e '.[tpu]'`, about 700 MB; works on x86 CPU
+machines). Without a TPU topology (`--topology=local`) it compiles for the
+devices present, e.g. `XLA_FLAGS=--xla_force_host_platform_device_count=8`.
+
+Topologies: `v2-N` / `v3-N` (N cores, two per chip, e.g. v3-8, v3-32, v3-128,
+v3-2048) or a libtpu topology name such as `v4:2x2x4` / `v5e:4x4`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+
+import jax
+import ml_collections
+
+from mixer import config_lib, losses, optim, sharding, train
+
+# HBM per TPU core (v2/v3: two cores per chip) or per chip (v4 and later, one
+# device per chip), in GiB.
+HBM_GIB = {'v2': 8, 'v3': 16, 'v4': 32, 'v5e': 16, 'v5litepod': 16, 'v5p': 95, 'v6e': 32}
+
+
+def topology_devices(topology: str) -> tuple[list, str]:
+  """TPU devices of `topology` (compile-only) and the generation name."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  match = re.fullmatch(r'(v[23])-(\d+)', topology)
+  if match:
+    generation, cores = match.group(1), int(match.group(2))
+    chips = cores // 2
+    if cores % 8 or chips & (chips - 1):
+      raise ValueError(f'{topology}: a {generation} slice has a power-of-two number of cores, '
+                       'at least 8 (v3-8, v3-32, v3-128, ...).')
+    x = 2 ** (int(math.log2(chips)) // 2)
+    name = f'{generation}:{x}x{chips // x}'
+  elif ':' in topology:
+    name, generation = topology, topology.split(':')[0]
+  else:
+    raise ValueError(f'Unknown topology {topology!r}: write e.g. v3-128 or v4:2x2x4.')
+  try:
+    description = topologies.get_topology_desc(
+        platform='tpu', topology_name=name, chip_config_name='default',
+        chips_per_host_bounds=(2, 2, 1), num_slices=1)
+  except Exception as error:  # pylint: disable=broad-except  (re-raised with the fix)
+    raise RuntimeError(
+        f'Cannot describe TPU topology {name!r}: {error}. Compiling for TPU needs libtpu: '
+        "pip install -c constraints.txt -e '.[tpu]'.") from error
+  return list(description.devices), generation
+
+
+def check(config: ml_collections.ConfigDict, devices, hbm_gib: float | None = None) -> dict:
+  """Compiles `config`'s train step for `devices`; returns the per-device memory plan."""
+  config_lib.validate(config)
+  mesh = sharding.create_mesh(config, devices)
+  rules = sharding.logical_rules(config)
+  sharding.check_batch_size(config.batch_size // config.grad_accum_steps, mesh,
+                            'config.batch_size / config.grad_accum_steps')
+  model = train.build_model(config)
+  tx = optim.make_optimizer(config)
+  rng = jax.random.key(config.seed)
+  init_state = train.make_init_state(model, tx, config)
+  abstract_state, state_sharding = train.abstract_train_state(init_state, tx, mesh, rules, rng)
+  start = time.perf_counter()
+  compiled = train.compile_train_step(
+      model, losses.get_loss_fn(config.loss), tx, optim.make_schedule(config), config, mesh,
+      rules, abstract_state, state_sharding, rng)
+  seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  gib = 2.0 ** 30
+  result = {
+      'model': config.model.name, 'image_size': config.image_size,
+      'batch_size': config.batch_size, 'grad_accum_steps': config.grad_accum_steps,
+      'model_dtype': config.model_dtype, 'mesh': dict(mesh.shape), 'devices': len(devices),
+      'device_kind': devices[0].device_kind, 'compile_seconds': round(seconds, 1),
+      'params': sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state['params'])),
+  }
+  if memory is not None:
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    result.update({
+        'argument_gib': round(memory.argument_size_in_bytes / gib, 3),
+        'output_gib': round(memory.output_size_in_bytes / gib, 3),
+        'temp_gib': round(memory.temp_size_in_bytes / gib, 3),
+        'donated_gib': round(memory.alias_size_in_bytes / gib, 3),
+        'total_gib_per_device': round(total / gib, 3),
+    })
+    if hbm_gib:
+      result['hbm_gib_per_device'] = hbm_gib
+      result['fits'] = total / gib <= hbm_gib
+  return result
+
+
+def main():
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config = config_flags.DEFINE_config_file('config', None, 'Training config file.',
+                                           lock_config=True)
+  topology = flags.DEFINE_string('topology', 'v3-8', "TPU slice, e.g. v3-128, or 'local'.")
+  flags.mark_flag_as_required('config')
+
+  def _main(argv):
+    del argv
+    if topology.value == 'local':
+      devices, hbm = jax.devices(), None
+    else:
+      devices, generation = topology_devices(topology.value)
+      hbm = HBM_GIB.get(generation)
+    print(json.dumps({'topology': topology.value, **check(config.value, devices, hbm)}))
+
+  app.run(_main)
+
+
+if __name__ == '__main__':
+  main()
