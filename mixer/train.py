@@ -363,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if preempted:
         logging.warning('Preemption at step %d: checkpoint saved, stopping.', step)
         checkpointer.close()
-        return {'step': step, **results}
+        return  # ensure_flushes (above) flushes the writer on the way out. {'step': step, **results}
 
   #################### Finish: final eval, export, curves ####################
   throughput.pause()
