@@ -76,8 +76,6 @@ def check(config: ml_collections.ConfigDict, devices, hbm_gib: float | None = No
       model, losses.get_loss_fn(config.loss), tx, optim.make_schedule(config), config, mesh,
       rules, abstract_state, state_sharding, rng)
   seconds = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  gib = 2.0 ** 30
   result = {
       'model': config.model.name, 'image_size': config.image_size,
       'batch_size': config.batch_size, 'grad_accum_steps': config.grad_accum_steps,
@@ -85,19 +83,19 @@ def check(config: ml_collections.ConfigDict, devices, hbm_gib: float | None = No
       'device_kind': devices[0].device_kind, 'compile_seconds': round(seconds, 1),
       'params': sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state['params'])),
   }
-  if memory is not None:
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  plan = train.memory_per_device(compiled)
+  if plan is not None:
+    gib = 2.0 ** 30
     result.update({
-        'argument_gib': round(memory.argument_size_in_bytes / gib, 3),
-        'output_gib': round(memory.output_size_in_bytes / gib, 3),
-        'temp_gib': round(memory.temp_size_in_bytes / gib, 3),
-        'donated_gib': round(memory.alias_size_in_bytes / gib, 3),
-        'total_gib_per_device': round(total / gib, 3),
+        'argument_gib': round(plan['argument'] / gib, 3),
+        'output_gib': round(plan['output'] / gib, 3),
+        'temp_gib': round(plan['temp'] / gib, 3),
+        'donated_gib': round(plan['alias'] / gib, 3),
+        'total_gib_per_device': round(plan['total'] / gib, 3),
     })
     if hbm_gib:
       result['hbm_gib_per_device'] = hbm_gib
-      result['fits'] = total / gib <= hbm_gib
+      result['fits'] = plan['total'] / gib <= hbm_gib
   return result
 
 

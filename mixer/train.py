@@ -150,20 +150,31 @@ def compile_train_step(model, loss_fn, tx, schedule, config, mesh, rules, abstra
     return train_step.lower(abstract_state, abstract_batch, abstract_rng).compile()
 
 
-def _log_memory(compiled) -> None:
+def memory_per_device(compiled) -> dict[str, int] | None:
+  """Bytes per device XLA planned for a compiled step, or None where the backend has no plan.
+
+  'total' = arguments + outputs + temporaries - donated (aliased) buffers, the
+  peak the step needs besides the program itself.
+  """
   try:
     memory = compiled.memory_analysis()
   except Exception:  # pylint: disable=broad-except  (not every backend reports it)
     memory = None
   if memory is None:
+    return None
+  plan = {name: int(getattr(memory, f'{name}_size_in_bytes'))
+          for name in ('argument', 'output', 'temp', 'alias', 'generated_code')}
+  plan['total'] = plan['argument'] + plan['output'] + plan['temp'] - plan['alias']
+  return plan
+
+
+def _log_memory(compiled) -> None:
+  plan = memory_per_device(compiled)
+  if plan is None:
     logging.info('The backend reports no memory analysis for the train step.')
     return
-  fields = ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
-            'generated_code_size_in_bytes')
-  sizes = {f: getattr(memory, f, None) for f in fields}
   logging.info('Compiled train step, per device: %s', ', '.join(
-      f'{k.replace("_size_in_bytes", "")}={v / 2**20:.1f} MiB' for k, v in sizes.items()
-      if v is not None))
+      f'{name}={size / 2**20:.1f} MiB' for name, size in plan.items()))
 
 
 def _gather_to_host(tree):
@@ -363,7 +374,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if preempted:
         logging.warning('Preemption at step %d: checkpoint saved, stopping.', step)
         checkpointer.close()
-        return  # ensure_flushes (above) flushes the writer on the way out. {'step': step, **results}
+        # ensure_flushes (above) flushes the writer on the way out.
+        return {'step': step, **results}
 
   #################### Finish: final eval, export, curves ####################
   throughput.pause()

@@ -305,3 +305,13 @@ def test_tfds_imagenet_with_real_labels_through_the_trainer(tmp_path):
   assert results['step'] == 4
   assert 0.0 <= results['eval/accuracy'] <= 1.0
   assert 0.0 <= results['eval/real_accuracy'] <= 1.0
+
+
+def test_preemption_notice_saves_and_returns_the_step(tmp_path, monkeypatch):
+  """What a pod's preemption sync point does, in process: save at that step, stop, no export."""
+  monkeypatch.setattr(checkpoint.TrainCheckpointer, 'reached_preemption',
+                      lambda self, step: step == 5)
+  results = train.train_and_evaluate(tiny_config(total_steps=12), str(tmp_path))
+  assert results['step'] == 5
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['5']
+  assert not os.path.exists(tmp_path / 'final.npz')

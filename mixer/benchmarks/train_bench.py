@@ -67,11 +67,7 @@ def run(model_name: str = 'Mixer-S_32', batch_size: int = 16, image_size: int = 
       state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  per_device = None
-  if memory is not None:
-    per_device = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                     + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  plan = train.memory_per_device(compiled)
   rate = steps * batch_size / seconds
   return {
       'benchmark': 'train_step', 'model': model_name, 'image_size': image_size,
@@ -80,7 +76,7 @@ def run(model_name: str = 'Mixer-S_32', batch_size: int = 16, image_size: int = 
       'compile_seconds': round(compile_seconds, 1), 'step_seconds': round(seconds / steps, 4),
       'img_per_sec': round(rate, 1), 'img_per_sec_per_device': round(rate / jax.device_count(), 1),
       'paper_tpu_v3_img_per_sec_per_core': PAPER_IMG_PER_SEC_PER_CORE.get(model_name),
-      'compiled_bytes_per_device': per_device,
+      'compiled_bytes_per_device': plan['total'] if plan else None,
       'loss_is_finite': bool(jnp.isfinite(metrics['train/loss'])),
   }
 
