@@ -77,7 +77,7 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   return traverse_util.unflatten_dict(dict(flat), sep='/')
 
 
-def _is_remote(path: str) -> bool:
+def is_remote(path: str) -> bool:
   """gs://, s3://, ... paths: the trainer's workdir may live in a bucket."""
   return '://' in path
 
@@ -109,7 +109,7 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, Any]:
       keys that do not form a tree.
   """
   path = os.fspath(path)
-  if _is_remote(path):
+  if is_remote(path):
     source = _read_remote(path)
   else:
     if not os.path.exists(path):
@@ -202,7 +202,7 @@ def save_npz(params: Any, path: str | os.PathLike[str]) -> None:
   """
   path = os.fspath(path)
   flat = {key: _as_saveable(key, value) for key, value in _flatten(params).items()}
-  if _is_remote(path):
+  if is_remote(path):
     # Bucket objects appear only once fully uploaded, so one write is atomic.
     from etils import epath  # pylint: disable=g-import-not-at-top
     buffer = io.BytesIO()

@@ -8,6 +8,9 @@ silently ignored setting.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 # Model fields a config may override; None keeps the `model.name` variant's value.
@@ -102,6 +105,15 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.real_eval = False          # Also report ImageNet ReaL (needs imagenet2012_real).
   return c
+
+
+def load_config_module(path: str):
+  """Imports a config file (configs/*.py) by path; it defines `get_config(arg=None)`."""
+  name = '_mixer_config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

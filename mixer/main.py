@@ -8,12 +8,13 @@ cluster (detected, or forced with MIXER_DISTRIBUTED=1), or when
 clusters, several processes on one machine).
 """
 
-import importlib.util
 import logging as std_logging
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mixer import config_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file (configs/*.py), optionally `file.py:arg`.',
@@ -59,9 +60,7 @@ def _config_override_hint(argv) -> str:
   path, _, arg = config_arg.partition(':')
   if not os.path.isfile(path):
     return f'Config file {path!r} does not exist: pass an existing file, e.g. configs/digits.py.'
-  spec = importlib.util.spec_from_file_location('_mixer_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.load_config_module(path)
   config = module.get_config(arg) if arg else module.get_config()
   for override in overrides:
     node, parts = config, override.split('.')

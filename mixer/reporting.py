@@ -23,18 +23,15 @@ import numpy as np
 import tensorflow as tf
 from clu import metric_writers
 
+from mixer import checkpoint
+
 METRICS_FILE = 'metrics.jsonl'
 CURVES_FILE = 'training_curves.png'
 
 
-def is_remote(path: str) -> bool:
-  """A bucket path (gs://, s3://...) rather than a local one."""
-  return '://' in path
-
-
 def prepare_workdir(workdir: str) -> str:
   """Creates the workdir; local paths become absolute, bucket paths stay as given."""
-  if is_remote(workdir):
+  if checkpoint.is_remote(workdir):
     tf.io.gfile.makedirs(workdir)
     return workdir
   workdir = os.path.abspath(workdir)
@@ -52,7 +49,7 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def __init__(self, path: str):
     self._path = path
-    self._remote = is_remote(path)
+    self._remote = checkpoint.is_remote(path)
     self._lines: list[str] = []
     if self._remote:
       if tf.io.gfile.exists(path):

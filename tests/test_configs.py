@@ -7,7 +7,6 @@ when imported some other way fails here. big_vision shipped configs whose
 `config_lib.validate` is the guard against that.
 """
 
-import importlib.util
 import math
 import pathlib
 
@@ -53,10 +52,7 @@ _TFDS_NAMES = ('imagenet2012', 'imagenet2012_real', 'cifar10', 'cifar100',
 
 
 def load_module(path):
-  spec = importlib.util.spec_from_file_location(f'configs_{path.stem}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_config_module(str(path))
 
 
 def args_for(path):

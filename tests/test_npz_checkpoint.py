@@ -103,7 +103,7 @@ def test_saved_file_gets_the_usual_permissions(tmp_path):
 
 def test_bucket_paths_go_through_epath(tmp_path, monkeypatch):
   # The trainer's workdir may be gs://...; exercise that code path on a local file.
-  monkeypatch.setattr(checkpoint, '_is_remote', lambda path: True)
+  monkeypatch.setattr(checkpoint, 'is_remote', lambda path: True)
   tree = _random_tree(_tiny_model(), 16)
   checkpoint.save_npz(tree, tmp_path / 'remote.npz')
   loaded = _flat(checkpoint.load_npz(tmp_path / 'remote.npz'))

@@ -4,7 +4,6 @@ The slow ones (marked `slow`) train for real; `make test` runs them too.
 """
 
 import glob
-import importlib.util
 import json
 import os
 import signal
@@ -15,21 +14,15 @@ import time
 import numpy as np
 import pytest
 
-from mixer import checkpoint, train
+from flax import traverse_util
+
+from mixer import checkpoint, config_lib, train
 from tests import multidevice
 
 REPO = multidevice.REPO
 
 
-def _load_digits_config():
-  path = os.path.join(REPO, 'configs', 'digits.py')
-  spec = importlib.util.spec_from_file_location('digits', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-digits = _load_digits_config()
+digits = config_lib.load_config_module(os.path.join(REPO, 'configs', 'digits.py'))
 
 
 def tiny_config(**overrides):
@@ -116,19 +109,12 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 
   resumed = run_main(killed, *flags)
   assert 'Resumed from step' in resumed.stderr
-  a = checkpoint.load_npz(os.path.join(reference, 'final.npz'))
-  b = checkpoint.load_npz(os.path.join(killed, 'final.npz'))
-  for key_a, key_b in zip(sorted(_flatten(a)), sorted(_flatten(b))):
-    assert key_a[0] == key_b[0]
-    np.testing.assert_array_equal(key_a[1], key_b[1], err_msg=key_a[0])
-
-
-def _flatten(tree, prefix=''):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flatten(value, f'{prefix}{key}/')
-    else:
-      yield f'{prefix}{key}', value
+  a = traverse_util.flatten_dict(checkpoint.load_npz(os.path.join(reference, 'final.npz')),
+                                 sep='/')
+  b = traverse_util.flatten_dict(checkpoint.load_npz(os.path.join(killed, 'final.npz')), sep='/')
+  assert sorted(a) == sorted(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 @pytest.mark.slow
@@ -254,10 +240,7 @@ def test_batch_not_divisible_by_devices_is_refused_by_the_trainer(tmp_path):
 def test_flagship_config_runs_locally_with_fewshot(tmp_path):
   """`configs/mixer_l16_i21k.py:runlocal`: the same recipe (sigmoid, RandAugment 20, mixup,
   stochastic depth, bf16 Adam moment, few-shot probes) on the embedded digits."""
-  path = os.path.join(REPO, 'configs', 'mixer_l16_i21k.py')
-  spec = importlib.util.spec_from_file_location('mixer_l16_i21k', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.load_config_module(os.path.join(REPO, 'configs', 'mixer_l16_i21k.py'))
   config = module.get_config('runlocal')
   assert config.input.randaug_magnitude == 20 and config.loss == 'sigmoid_xent'
   results = train.train_and_evaluate(config, str(tmp_path))
