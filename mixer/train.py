@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mixer import checkpoint, config_lib, input_pipeline, losses, models, optim, reporting
+from mixer import weights
 from mixer import sharding
 from mixer.evaluators import classification, fewshot
 
@@ -249,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       core_hours = float(meta.get('core_hours', 0.0))
       logging.info('Resumed from step %d of %s.', latest, checkpointer.directory)
     elif config.init_from:
-      params = checkpoint.load_for_model(
+      params = weights.load_for_model(
           config.init_from, model, config.image_size,
           from_image_size=config.init_from_image_size, head=config.init_head,
           head_bias=config.init_head_bias)
@@ -386,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   final_params = _gather_to_host(state['params'])
   final_path = os.path.join(workdir, 'final.npz')
   if jax.process_index() == 0:
-    checkpoint.save_npz(final_params, final_path)
+    weights.save_npz(final_params, final_path)
     curves = reporting.plot_curves(workdir)
     logging.info('Exported %s; training curves in %s.', final_path, curves)
     print(f'Final: {results}\nExported released-format weights to {final_path}\n'

@@ -1,4 +1,4 @@
-"""Tests of adapt_to_resolution (paper App. C) and replace_head in mixer.checkpoint.
+"""Tests of adapt_to_resolution (paper App. C) and replace_head in mixer.surgery.
 
 The defining property: right after adaptation, the model at K times the
 resolution gives the mean of the original model's logits over the K×K
@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from mixer import checkpoint, models
-from mixer.checkpoint import CheckpointError
+from mixer import models, surgery, weights
+from mixer.surgery import WeightsError
 
 _PATCH = 4
 _FROM_SIZE = 16  # A 4×4 grid of patches: S = 16 tokens.
@@ -37,7 +37,7 @@ def _random_params(model, image_size, seed=0):
       return (1 + 0.2 * rng.standard_normal(leaf.shape)).astype(np.float32)
     return (0.3 * rng.standard_normal(leaf.shape)).astype(np.float32)
 
-  return jax.tree_util.tree_map_with_path(draw, checkpoint.model_param_shapes(model, image_size))
+  return jax.tree_util.tree_map_with_path(draw, surgery.model_param_shapes(model, image_size))
 
 
 @functools.partial(jax.jit, static_argnums=0)  # Eager flax compiles op by op: slower.
@@ -65,7 +65,7 @@ def _relative_error(actual, expected):
 def test_adapted_logits_are_the_mean_over_crops(factor):
   original = _random_params(_model(), _FROM_SIZE)
   to_size = factor * _FROM_SIZE
-  adapted = checkpoint.adapt_to_resolution(original, _FROM_SIZE, to_size, _PATCH)
+  adapted = surgery.adapt_to_resolution(original, _FROM_SIZE, to_size, _PATCH)
   images = np.random.default_rng(1).uniform(-1, 1, (3, to_size, to_size, 3)).astype(np.float32)
   expected = _mean_over_crops(_model(), original, images, factor)
   actual = _logits(_model(factor), adapted, images)
@@ -76,7 +76,7 @@ def test_adapted_logits_are_the_mean_over_crops(factor):
 @pytest.mark.parametrize('factor', [2, 3])
 def test_token_mixing_is_block_diagonal_over_contiguous_windows(factor):
   original = _random_params(_model(), _FROM_SIZE)
-  adapted = checkpoint.adapt_to_resolution(original, _FROM_SIZE, factor * _FROM_SIZE, _PATCH)
+  adapted = surgery.adapt_to_resolution(original, _FROM_SIZE, factor * _FROM_SIZE, _PATCH)
   grid, big_grid = _FROM_SIZE // _PATCH, factor * _FROM_SIZE // _PATCH
   rows, cols = np.divmod(np.arange(big_grid**2), big_grid)  # Raster order, as the model's stem.
   window_of_token = (rows // grid) * factor + cols // grid  # Contiguous K×K tiling.
@@ -108,41 +108,41 @@ def test_token_mixing_is_block_diagonal_over_contiguous_windows(factor):
 
 def test_factor_one_changes_nothing():
   original = _random_params(_model(), _FROM_SIZE)
-  same = checkpoint.adapt_to_resolution(original, _FROM_SIZE, _FROM_SIZE, _PATCH)
+  same = surgery.adapt_to_resolution(original, _FROM_SIZE, _FROM_SIZE, _PATCH)
   jax.tree.map(np.testing.assert_array_equal, same, original)
 
 
 @pytest.mark.parametrize('to_size', [24, 8])
 def test_non_integer_factor_is_a_clear_error(to_size):
   original = _random_params(_model(), _FROM_SIZE)
-  with pytest.raises(CheckpointError, match=rf'Cannot adapt from 16 px to {to_size} px: .*'
+  with pytest.raises(WeightsError, match=rf'Cannot adapt from 16 px to {to_size} px: .*'
                                             'integer K'):
-    checkpoint.adapt_to_resolution(original, _FROM_SIZE, to_size, _PATCH)
+    surgery.adapt_to_resolution(original, _FROM_SIZE, to_size, _PATCH)
 
 
 def test_size_not_a_multiple_of_the_patch_is_a_clear_error():
-  with pytest.raises(CheckpointError, match='to_size=34 is not a positive multiple of the patch'):
-    checkpoint.adapt_to_resolution(_random_params(_model(), _FROM_SIZE), 16, 34, _PATCH)
+  with pytest.raises(WeightsError, match='to_size=34 is not a positive multiple of the patch'):
+    surgery.adapt_to_resolution(_random_params(_model(), _FROM_SIZE), 16, 34, _PATCH)
 
 
 def test_wrong_from_size_is_a_clear_error():
   original = _random_params(_model(), _FROM_SIZE)
-  with pytest.raises(CheckpointError, match='has 16 tokens, but from_size=32 at patch 4 means 64'):
-    checkpoint.adapt_to_resolution(original, 32, 64, _PATCH)
+  with pytest.raises(WeightsError, match='has 16 tokens, but from_size=32 at patch 4 means 64'):
+    surgery.adapt_to_resolution(original, 32, 64, _PATCH)
 
 
 def test_adapted_tokens_mlp_dim():
-  assert checkpoint.adapted_tokens_mlp_dim(384, 224, 448, 16) == 1536
-  assert checkpoint.adapted_tokens_mlp_dim(384, 224, 224, 16) == 384
-  with pytest.raises(CheckpointError, match='integer K'):
-    checkpoint.adapted_tokens_mlp_dim(384, 224, 384, 16)
+  assert surgery.adapted_tokens_mlp_dim(384, 224, 448, 16) == 1536
+  assert surgery.adapted_tokens_mlp_dim(384, 224, 224, 16) == 384
+  with pytest.raises(WeightsError, match='integer K'):
+    surgery.adapted_tokens_mlp_dim(384, 224, 384, 16)
 
 
 def test_load_for_model_infers_the_trained_size_and_adapts(tmp_path):
   original = _random_params(_model(), _FROM_SIZE)
   path = tmp_path / 'small.npz'
-  checkpoint.save_npz(original, path)
-  params = checkpoint.load_for_model(path, _model(2), 2 * _FROM_SIZE, head='keep')
+  weights.save_npz(original, path)
+  params = weights.load_for_model(path, _model(2), 2 * _FROM_SIZE, head='keep')
   images = np.random.default_rng(2).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   expected = _mean_over_crops(_model(), original, images, 2)
   assert _relative_error(_logits(_model(2), params, images), expected) < 1e-5
@@ -150,23 +150,23 @@ def test_load_for_model_infers_the_trained_size_and_adapts(tmp_path):
 
 def test_load_for_model_with_unadapted_width_says_which_width(tmp_path):
   path = tmp_path / 'small.npz'
-  checkpoint.save_npz(_random_params(_model(), _FROM_SIZE), path)
-  with pytest.raises(CheckpointError, match='build the model with tokens_mlp_dim=32'):
-    checkpoint.load_for_model(path, _model(1), 2 * _FROM_SIZE)
+  weights.save_npz(_random_params(_model(), _FROM_SIZE), path)
+  with pytest.raises(WeightsError, match='build the model with tokens_mlp_dim=32'):
+    weights.load_for_model(path, _model(1), 2 * _FROM_SIZE)
 
 
 def test_load_for_model_non_integer_factor_names_the_file(tmp_path):
   path = tmp_path / 'small.npz'
-  checkpoint.save_npz(_random_params(_model(), _FROM_SIZE), path)
-  with pytest.raises(CheckpointError, match=r'small\.npz \(trained at 16 px\): Cannot adapt'):
-    checkpoint.load_for_model(path, _model(1), 24)
+  weights.save_npz(_random_params(_model(), _FROM_SIZE), path)
+  with pytest.raises(WeightsError, match=r'small\.npz \(trained at 16 px\): Cannot adapt'):
+    weights.load_for_model(path, _model(1), 24)
 
 
 def test_replace_head_is_zero_kernel_and_given_bias():
   original = _random_params(_model(num_classes=5), _FROM_SIZE)
-  replaced = checkpoint.replace_head(original, 11, bias=-np.log(11))
+  replaced = surgery.replace_head(original, 11, bias=-np.log(11))
   np.testing.assert_array_equal(replaced['head']['kernel'], np.zeros((16, 11), np.float32))
   np.testing.assert_allclose(replaced['head']['bias'], np.full(11, -np.log(11)), rtol=1e-6)
   assert replaced['head']['kernel'].dtype == np.float32
   assert original['head']['kernel'].shape == (16, 5)  # The input is not modified.
-  assert 'head' not in checkpoint.replace_head(original, 0)
+  assert 'head' not in surgery.replace_head(original, 0)

@@ -16,7 +16,7 @@ import pytest
 
 from flax import traverse_util
 
-from mixer import checkpoint, config_lib, train
+from mixer import checkpoint, config_lib, train, weights
 from tests import multidevice
 
 REPO = multidevice.REPO
@@ -74,7 +74,7 @@ def test_smoke_run_writes_metrics_checkpoints_and_export(tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['12', '6']
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
   assert os.path.exists(os.path.join(workdir, 'training_curves.png'))
-  params = checkpoint.load_npz(os.path.join(workdir, 'final.npz'))
+  params = weights.load_npz(os.path.join(workdir, 'final.npz'))
   assert params['stem']['kernel'].shape == (4, 4, 3, 32)
   assert params['head']['kernel'].shape == (32, 10)
 
@@ -109,9 +109,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 
   resumed = run_main(killed, *flags)
   assert 'Resumed from step' in resumed.stderr
-  a = traverse_util.flatten_dict(checkpoint.load_npz(os.path.join(reference, 'final.npz')),
+  a = traverse_util.flatten_dict(weights.load_npz(os.path.join(reference, 'final.npz')),
                                  sep='/')
-  b = traverse_util.flatten_dict(checkpoint.load_npz(os.path.join(killed, 'final.npz')), sep='/')
+  b = traverse_util.flatten_dict(weights.load_npz(os.path.join(killed, 'final.npz')), sep='/')
   assert sorted(a) == sorted(b)
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
@@ -183,7 +183,7 @@ def test_finetune_from_released_format_npz(tmp_path, pretrained_npz, image_size)
       finetune_config(init_from=pretrained_npz, init_from_image_size=16),
       str(tmp_path / 'finetune'))
   scratch = train.train_and_evaluate(finetune_config(), str(tmp_path / 'scratch'))
-  params = checkpoint.load_npz(str(tmp_path / 'finetune' / 'final.npz'))
+  params = weights.load_npz(str(tmp_path / 'finetune' / 'final.npz'))
   tokens = (image_size // 4) ** 2
   assert params['MixerBlock_0']['token_mixing']['Dense_0']['kernel'].shape == (
       tokens, 16 * (image_size // 16) ** 2)
@@ -210,7 +210,7 @@ def test_init_from_wrong_variant_is_a_clear_error(tmp_path):
                            str(tmp_path / 'a'))
   config = tiny_config(init_from=str(tmp_path / 'a' / 'final.npz'))
   config.model.hidden_dim = 48
-  with pytest.raises(checkpoint.CheckpointError, match='hidden'):
+  with pytest.raises(weights.WeightsError, match='hidden'):
     train.train_and_evaluate(config, str(tmp_path / 'b'))
   assert not os.path.exists(tmp_path / 'b' / 'checkpoints' / '6')
 
