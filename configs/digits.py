@@ -23,10 +23,11 @@ from mixer import config_lib
 
 
 def get_config(arg=None):
+  """The digits demo; `arg`: `runlocal` (a 20-step smoke run)."""
+  args = config_lib.parse_arg(arg, runlocal=False)
   config = config_lib.base_config()
   config.dataset = 'digits'
   config.train_split = 'train'
-  config.eval_split = 'test'
   config.image_size = 32
   config.num_classes = 10
   config.batch_size = 128
@@ -37,7 +38,6 @@ def get_config(arg=None):
   config.input.flip = False
   config.input.shuffle_buffer = 2_000
   config.input.cache_raw = True
-  config.input.eval_pp = 'resize'
 
   config.model.name = 'Mixer-S_32'
   config.model.patch_size = 4
@@ -54,15 +54,13 @@ def get_config(arg=None):
   config.decay_type = 'linear'
 
   config.log_every = 25
-  config.eval_every = 100
   config.checkpoint_every = 200
+  config.evals.eval.update(split='test', pp='resize', every_steps=100)
 
-  if arg == 'runlocal':
+  if args.runlocal:
     config.total_steps = 20
     config.warmup_steps = 5
     config.log_every = 5
-    config.eval_every = 10
+    config.evals.eval.every_steps = 10
     config.checkpoint_every = 10
-  elif arg:
-    raise ValueError(f'Unknown argument {arg!r} for configs/digits.py; known: runlocal.')
   return config

@@ -18,7 +18,7 @@ configs/finetune_imagenet.py):
   * CIFAR-10 at 224 with configs/finetune_cifar10.py: 96.82% from Google's
     released B/16 i21k weights (vision_transformer README).
   * Few-shot linear probes (ImageNet 5-shot is the paper's transfer proxy,
-    §3.3) run every 25k steps (config.fewshot).
+    §3.3) run every 25k steps (config.evals.fewshot).
 The paper estimates 0.15k TPU-v3 core-days (Table 3), ~1.2 days on a v3-128.
 
 Data: 'imagenet21k' is this project's TFDS builder (ImageNet-21k is not in the

@@ -75,7 +75,6 @@ _RECIPES = {
 }
 
 
-
 def get_config(arg=None):
   """JFT pre-training of `variant`; see the module docstring for `arg`."""
   arg = config_lib.parse_arg(arg, variant='B_16', epochs=0,
@@ -88,7 +87,6 @@ def get_config(arg=None):
 
   config.dataset = f'tfrecord:{arg.tfrecords.rstrip("/")}/{{split}}-*.tfrecord'
   config.train_split = 'train'
-  config.eval_split = 'validation'
   config.image_size = 224
   config.num_classes = _NUM_CLASSES
   # JFT is far larger than any buffer; 250k examples per host (~25 GB of encoded
@@ -99,7 +97,6 @@ def get_config(arg=None):
   config.input.flip = True
   config.input.randaug_magnitude = 0  # No RandAugment on JFT (Table 4: '-').
   config.input.mixup_p = 0.0
-  config.input.eval_pp = 'resmall_crop'
 
   config.model.name = f'Mixer-{arg.variant}'
   config.model.dropout_rate = 0.0
@@ -111,12 +108,9 @@ def get_config(arg=None):
                            weight_decay=0.03, batch_size=_BATCH)
 
   config.log_every = 50
-  config.eval_every = 10_000
   config.checkpoint_every = 2_000
-
-  config.fewshot.datasets = recipes.FEWSHOT_DATASETS
-  config.fewshot.every_steps = 25_000
-  config.fewshot.shots = (1, 5, 10, 25)
+  config.evals.eval = recipes.classification_eval('validation', every_steps=10_000)
+  config.evals.fewshot = recipes.fewshot_eval()
 
   if arg.runlocal:
     config_lib.shrink_for_local(config)

@@ -18,7 +18,7 @@ configs/finetune_imagenet.py):
     87.86) with Table 2's 'resize_crop' eval:
     finetune_imagenet.py:variant=L_16,res=448.
   * Few-shot linear probes (ImageNet 5-shot is the paper's transfer proxy,
-    §3.3) run every 25k steps (config.fewshot).
+    §3.3) run every 25k steps (config.evals.fewshot).
 The paper estimates 0.41k TPU-v3 core-days (Table 3), ~3.2 days on a v3-128.
 
 Data: 'imagenet21k' is this project's TFDS builder (ImageNet-21k is not in the

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 
 import jax
 import ml_collections
 
-from mixer import config_lib, losses, optim, sharding, train
+from mixer import config_lib, platforms, trainer_setup
 
 # HBM per TPU core (v2/v3: two cores per chip) or per chip (v4 and later, one
 # device per chip), in GiB.
@@ -48,6 +49,13 @@ def topology_devices(topology: str) -> tuple[list, str]:
     name, generation = topology, topology.split(':')[0]
   else:
     raise ValueError(f'Unknown topology {topology!r}: write e.g. v3-128 or v4:2x2x4.')
+  if not platforms.has_tpu_chips():
+    # Off a TPU VM, libtpu looks for the accelerator type and the worker host names
+    # (normally from the VM's metadata) and prints several lines of warnings when
+    # they are missing. A compile-only topology needs neither (it comes from `name`
+    # below); naming them keeps the output readable.
+    os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v3-8')
+    os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
   try:
     description = topologies.get_topology_desc(
         platform='tpu', topology_name=name, chip_config_name='default',
@@ -62,20 +70,11 @@ def topology_devices(topology: str) -> tuple[list, str]:
 def check(config: ml_collections.ConfigDict, devices, hbm_gib: float | None = None) -> dict:
   """Compiles `config`'s train step for `devices`; returns the per-device memory plan."""
   config_lib.validate(config)
-  mesh = sharding.create_mesh(config, devices)
-  rules = sharding.logical_rules(config)
-  sharding.check_batch_size(config.batch_size // config.grad_accum_steps, mesh,
-                            'config.batch_size / config.grad_accum_steps')
-  model = train.build_model(config)
-  tx = optim.make_optimizer(config)
-  rng = jax.random.key(config.seed)
-  init_state = train.make_init_state(model, tx, config)
-  abstract_state, state_sharding = train.abstract_train_state(init_state, tx, mesh, rules, rng)
+  setup = trainer_setup.build(config, devices)
   start = time.perf_counter()
-  compiled = train.compile_train_step(
-      model, losses.get_loss_fn(config.loss), tx, optim.make_schedule(config), config, mesh,
-      rules, abstract_state, state_sharding, rng)
+  compiled = trainer_setup.compile_train_step(setup)
   seconds = time.perf_counter() - start
+  mesh, abstract_state = setup.mesh, setup.abstract_state
   result = {
       'model': config.model.name, 'image_size': config.image_size,
       'batch_size': config.batch_size, 'grad_accum_steps': config.grad_accum_steps,
@@ -83,7 +82,7 @@ def check(config: ml_collections.ConfigDict, devices, hbm_gib: float | None = No
       'device_kind': devices[0].device_kind, 'compile_seconds': round(seconds, 1),
       'params': sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state['params'])),
   }
-  plan = train.memory_per_device(compiled)
+  plan = trainer_setup.memory_per_device(compiled)
   if plan is not None:
     gib = 2.0 ** 30
     result.update({

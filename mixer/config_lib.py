@@ -8,14 +8,29 @@ silently ignored setting.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import math
 import os
 
 import ml_collections
 
-# Model fields a config may override; None keeps the `model.name` variant's value.
-MODEL_SIZE_FIELDS = ('patch_size', 'hidden_dim', 'num_blocks', 'tokens_mlp_dim',
-                     'channels_mlp_dim', 'dropout_rate', 'stoch_depth')
+from mixer import models
+
+# The MlpMixer fields a config may set under `config.model` (besides `name`),
+# read off the model itself: the variant's sizes (`models.ARCHITECTURE_FIELDS`)
+# and the training choices (dropout, stochastic depth, scan, remat, ...). None
+# keeps the variant's (or the module's) default.
+_FIELD_TYPES = {'int': int, 'float': float, 'bool': bool, 'str': str}
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(models.MlpMixer)
+                     if f.name not in ('parent', 'name', 'num_classes', 'dtype'))
+MODEL_DTYPES = ('float32', 'bfloat16')
+INIT_HEADS = ('replace', 'keep')
+
+
+def _model_field_type(name: str):
+  annotation = {f.name: f.type for f in dataclasses.fields(models.MlpMixer)}[name]
+  return _FIELD_TYPES[annotation if isinstance(annotation, str) else annotation.__name__]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -28,7 +43,6 @@ def base_config() -> ml_collections.ConfigDict:
   # 'imagefolder:<root>' or 'tfrecord:<file glob>'.
   c.dataset = 'digits'
   c.train_split = 'train'
-  c.eval_split = 'test'
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.image_size = 32
   c.num_classes = 10
@@ -46,16 +60,13 @@ def base_config() -> ml_collections.ConfigDict:
       randaug_layers=2,
       randaug_magnitude=0,     # 0 = no RandAugment; the paper uses 10, 15 or 20.
       mixup_p=0.0,             # Mixup Beta(p, p) concentration; 0 = no mixup.
-      eval_pp='resize',        # 'resmall_crop' | 'resize_crop' | 'resize'.
-      eval_crop_fraction=0.875,  # 224/256: crop size over resize size for *_crop.
   ))
 
   # --- Model (mixer.models.get_model) ---
   c.model = ml_collections.ConfigDict()
   c.model.name = 'Mixer-S_16'
-  for field in MODEL_SIZE_FIELDS:
-    c.model[field] = ml_collections.FieldReference(
-        None, field_type=float if field in ('dropout_rate', 'stoch_depth') else int)
+  for field in MODEL_FIELDS:
+    c.model[field] = ml_collections.FieldReference(None, field_type=_model_field_type(field))
   # Compute dtype ('bfloat16' for mixed precision); params always stay float32.
   c.model_dtype = 'float32'
   c.init_from = ml_collections.FieldReference(None, field_type=str)  # Released-format .npz.
@@ -86,24 +97,23 @@ def base_config() -> ml_collections.ConfigDict:
       ('embed', 'fsdp'),
       ('channel_mlp', 'model'),
       ('token_mlp', 'model'),
+      ('layers', None),        # The stacked block axis of scan_blocks: never split.
   ]
 
   # --- Loop ---
   c.log_every = 50
-  c.eval_every = 500
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.profile_steps = ml_collections.FieldReference(None, field_type=tuple)  # (start, stop)
 
   # --- Evaluators (mixer.evaluators) ---
-  c.fewshot = ml_collections.ConfigDict(dict(
-      every_steps=0,           # 0 = never.
-      datasets={},             # name -> (dataset, train_split, test_split)
-      shots=(1, 5, 10, 25),
-      l2_reg=2.0 ** 10,
-      num_seeds=3,
-  ))
-  c.real_eval = False          # Also report ImageNet ReaL (needs imagenet2012_real).
+  # name -> settings; each runs every `every_steps` (0: only at the end) and at
+  # the last step, and writes `<name>/<metric>`. Fields a setting leaves out
+  # take the defaults of its type (mixer.evaluators.<type>.DEFAULTS).
+  from mixer import evaluators  # pylint: disable=g-import-not-at-top  (imports tf)
+  c.evals = ml_collections.ConfigDict()
+  c.evals.eval = evaluators.settings('classification', every_steps=500, split='test',
+                                     pp='resize')
   return c
 
 
@@ -144,13 +154,13 @@ def shrink_for_local(config: ml_collections.ConfigDict, resolution_factor: int =
   Tiny model (patch 4, width 32, 2 blocks), the embedded 'digits' data at
   16 px (times `resolution_factor`, keeping a fine-tuning config's K^2 token
   growth and its Appendix C widening of tokens_mlp_dim), batch 16, 30 steps,
-  trained from scratch. Optimiser, loss, augmentation and evaluators stay.
+  trained from scratch. Optimiser, loss, augmentation and evaluator types stay;
+  every evaluator reads digits. (`python -m mixer.rehearse` is the other way
+  round: it keeps every dataset, split and class count and shrinks only compute.)
   """
   k = resolution_factor
   config.dataset = 'digits'
   config.train_split = 'train'
-  config.eval_split = 'test'
-  config.real_eval = False
   config.image_size = 16 * k
   config.num_classes = 10
   config.batch_size = 16
@@ -166,28 +176,81 @@ def shrink_for_local(config: ml_collections.ConfigDict, resolution_factor: int =
   config.warmup_steps = 5
   config.total_steps = 30
   config.log_every = 5
-  config.eval_every = 15
   config.checkpoint_every = 15
-  if config.fewshot.every_steps:  # Still exercise the few-shot evaluator, on digits.
-    config.fewshot.datasets = {'digits': ('digits', 'train', 'test')}
-    config.fewshot.every_steps = 15
-    config.fewshot.shots = (1, 5)
-    config.fewshot.num_seeds = 1
+  for name in list(config.evals.keys()):
+    settings = config.evals[name]
+    if settings.type == 'classification' and settings.get('label_field', 'label') != 'label':
+      del config.evals[name]  # ReaL-style extra labels: digits has none.
+      continue
+    settings.every_steps = 15
+    if settings.type == 'classification':
+      settings.dataset = None
+      settings.split = 'test'
+    elif settings.type == 'fewshot':
+      settings.datasets = {'digits': ('digits', 'train', 'test')}
+      settings.shots = (1, 5)
+      settings.num_seeds = 1
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming any key that `base_config()` does not have."""
+  """Raises ValueError naming the first unknown key or bad value, with the fix.
+
+  Checked here, once, before anything is built: unknown keys (listing the valid
+  ones), every enum, positive intervals and sizes, a finite positive lr,
+  warmup below total_steps (except in evaluate-only mode, total_steps=0),
+  accumulation dividing the batch, and every evaluator's type and fields.
+  """
   _check_keys(config, base_config(), prefix='')
+
+  def fail(key, value, fix):
+    raise ValueError(f'config.{key}={value!r}: {fix}')
+
+  def check_enum(key, value, choices):
+    if value not in choices:
+      fail(key, value, f'use one of {list(choices)}.')
+
+  from mixer import losses, optim  # pylint: disable=g-import-not-at-top  (jax-heavy)
+  check_enum('model.name', config.model.name, list(models.VARIANTS))
+  check_enum('loss', config.loss, list(losses.LOSSES))
+  check_enum('optimizer', config.optimizer, optim.OPTIMIZERS)
+  check_enum('decay_type', config.decay_type, optim.DECAY_TYPES)
+  check_enum('mu_dtype', config.mu_dtype, optim.MU_DTYPES)
+  check_enum('model_dtype', config.model_dtype, MODEL_DTYPES)
+  check_enum('init_head', config.init_head, INIT_HEADS)
+  for key in ('log_every', 'checkpoint_every', 'keep_checkpoints', 'batch_size',
+              'eval_batch_size', 'grad_accum_steps', 'image_size', 'num_classes'):
+    if int(config[key]) < 1:
+      fail(key, config[key], 'it must be at least 1.')
+  if not (math.isfinite(float(config.lr)) and config.lr > 0):
+    fail('lr', config.lr, 'the learning rate must be a finite number above 0, e.g. 1e-3.')
+  if config.total_steps < 0 or config.warmup_steps < 0:
+    fail('total_steps' if config.total_steps < 0 else 'warmup_steps',
+         min(config.total_steps, config.warmup_steps), 'steps cannot be negative.')
+  if config.total_steps and config.warmup_steps >= config.total_steps:
+    fail('warmup_steps', config.warmup_steps,
+         f'it must be below config.total_steps={config.total_steps}; lower the warmup or '
+         'train longer (total_steps=0 only evaluates).')
+  if config.batch_size % config.grad_accum_steps:
+    fail('grad_accum_steps', config.grad_accum_steps,
+         f'it must divide config.batch_size={config.batch_size} into equal micro-batches.')
+  if config.image_size % (config.model.patch_size or models.VARIANTS[config.model.name].patch_size):
+    fail('image_size', config.image_size, 'it must be a multiple of the patch size.')
+  if not config.evals:
+    raise ValueError('config.evals is empty: keep at least one evaluator (e.g. the default '
+                     "'eval' classification on the test split).")
+  from mixer import evaluators  # pylint: disable=g-import-not-at-top  (tf-heavy)
+  for name, settings in config.evals.items():
+    evaluators.check_settings(name, settings)
 
 
 def _check_keys(config, reference, prefix):
   for key in config.keys():
     path = f'{prefix}{key}'
+    if path == 'evals':  # User-chosen evaluator names; evaluators.check_settings checks them.
+      continue
     if key not in reference:
       valid = ', '.join(sorted(reference.keys()))
       raise ValueError(f'Unknown config key {path!r}. Valid keys here: {valid}.')
     value, ref = config[key], reference[key]
     if isinstance(value, ml_collections.ConfigDict) and isinstance(ref, ml_collections.ConfigDict):
-      if path == 'fewshot.datasets':  # A user-chosen name -> dataset map.
-        continue
       _check_keys(value, ref, prefix=f'{path}.')

@@ -34,7 +34,8 @@ dropped with a logged warning, which shifts the later examples of a run by one
 relative to a resumed run that skips encoded records).
 
 Evaluation (`create_eval_iterator`) reads each process's part of the split in
-order, preprocesses it per config.input.eval_pp, pads every process's stream
+order, preprocesses it with the evaluator's `pp` (`preprocess_ops.eval_transform`,
+the one eval transform, also used by predict and export), pads every process's stream
 with masked-out (mask False) examples and takes the same number of batches on
 every process, so each example is counted exactly once.
 
@@ -66,7 +67,6 @@ from mixer import preprocess_ops as ops
 # Salts that separate the random streams derived from config.seed.
 _SHUFFLE_SALT = 1
 _MIXUP_SALT = 2
-_EVAL_PP = ('resmall_crop', 'resize_crop', 'resize')
 
 
 def _process(process_index, process_count) -> tuple[int, int]:
@@ -87,6 +87,7 @@ def _local_batch_size(global_batch: int, process_count: int, name: str) -> int:
 
 
 def _get_source(config, dataset: str) -> datasets.DataSource:
+  """The training set's source; its class count must be the model head's."""
   source = datasets.get_source(dataset, data_dir=config.get('data_dir'),
                                num_classes=config.num_classes)
   if source.num_classes is not None and source.num_classes != config.num_classes:
@@ -94,6 +95,19 @@ def _get_source(config, dataset: str) -> datasets.DataSource:
         f'Dataset {dataset!r} has {source.num_classes} classes but config.num_classes='
         f'{config.num_classes}. Set config.num_classes={source.num_classes}.')
   return source
+
+
+def get_eval_source(config, dataset: str | None) -> tuple[datasets.DataSource, int]:
+  """An evaluator's source and *its own* class count (not the training config's).
+
+  `dataset=None` is the training set. A source that does not know its class
+  count ('tfrecord:') is taken to share the training set's.
+  """
+  if dataset is None or dataset == config.dataset:
+    return _get_source(config, config.dataset), int(config.num_classes)
+  source = datasets.get_source(dataset, data_dir=config.get('data_dir'),
+                               num_classes=config.num_classes)
+  return source, int(source.num_classes or config.num_classes)
 
 
 def _dataset_options(config) -> tf.data.Options:
@@ -174,12 +188,12 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, start_step: int 
   local_batch = _local_batch_size(config.batch_size, process_count, 'batch_size')
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}.')
-  if config.input.eval_pp not in _EVAL_PP:  # Fail at start-up, not at the first eval.
-    raise ValueError(f'config.input.eval_pp={config.input.eval_pp!r}; use one of {_EVAL_PP}.')
   if _global_tf_seed_is_set():
     logging.warning('tf.random.set_seed() was called: the shuffle order then also depends '
                     'on that seed.')
   source = _get_source(config, config.dataset)
+  if config.dataset == 'synthetic':  # One constant host batch: measures the trainer alone.
+    return source.train_batches(local_batch, config.image_size, config.seed)
   num_classes = config.num_classes
   split = config.train_split
   records = source.read(split, process_index=process_index, process_count=process_count)
@@ -234,19 +248,6 @@ def _global_tf_seed_is_set() -> bool:
 # ----------------------------------------------------------------------------
 # Evaluation.
 # ----------------------------------------------------------------------------
-def _eval_resize(image: tf.Tensor, config) -> tf.Tensor:
-  size = config.image_size
-  mode = config.input.eval_pp
-  if mode == 'resize':
-    return ops.resize(image, size)
-  resize_to = int(round(size / config.input.eval_crop_fraction))
-  if mode == 'resmall_crop':
-    return ops.central_crop(ops.resize_small(image, resize_to), size)
-  if mode == 'resize_crop':
-    return ops.central_crop(ops.resize(image, resize_to), size)
-  raise ValueError(f'config.input.eval_pp={mode!r}; use one of {_EVAL_PP}.')
-
-
 @dataclasses.dataclass(frozen=True)
 class EvalData:
   """One process's evaluation batches; iterate it as often as needed.
@@ -256,62 +257,66 @@ class EvalData:
     num_examples: examples in the whole split (all processes).
     num_steps: batches per pass, the same on every process.
     local_batch_size: examples per batch on this process (padding included).
+    num_classes: width of the 'labels' rows: the evaluated dataset's classes.
   """
   dataset: tf.data.Dataset
   num_examples: int
   num_steps: int
   local_batch_size: int
+  num_classes: int
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    """Yields num_steps dicts: image, labels, mask (and real_labels for ReaL)."""
+    """Yields num_steps dicts: image, labels, mask."""
     return self.dataset.as_numpy_iterator()
 
   def __len__(self) -> int:
     return self.num_steps
 
 
-def create_eval_iterator(config: ml_collections.ConfigDict, *, dataset: str | None = None,
-                         split: str | None = None, batch_size: int | None = None,
-                         process_index: int | None = None,
+def create_eval_iterator(config: ml_collections.ConfigDict, *, split: str,
+                         dataset: str | None = None, pp: str = 'resize',
+                         crop_fraction: float = 0.875, label_field: str = 'label',
+                         batch_size: int | None = None, process_index: int | None = None,
                          process_count: int | None = None) -> EvalData:
   """Evaluation batches of this process's part of a split, padded and masked.
 
   Args:
-    config: the training config (image_size, num_classes, input.eval_pp, ...).
-    dataset: a config.dataset-style name (default config.dataset).
-    split: split spec (default config.eval_split).
+    config: the training config (data_dir, image_size, eval_batch_size, input.*).
+    split: split spec, e.g. 'validation' or 'train[:65000]'.
+    dataset: a config.dataset-style name (default: the training set). Its class
+      count is its own, read from its source.
+    pp: eval preprocessing, one of `preprocess_ops.EVAL_PP`.
+    crop_fraction: crop size over resize size for the '*_crop' modes.
+    label_field: the example field holding the class ids: 'label', or
+      'real_label' for ImageNet ReaL (images without one count nowhere).
     batch_size: global batch size (default config.eval_batch_size).
     process_index: this process (default jax.process_index()).
     process_count: number of processes (default jax.process_count()).
 
   Returns:
     EvalData; each batch is {'image': float32 [b, S, S, 3] in [-1, 1],
-    'labels': float32 [b, num_classes], 'mask': bool [b]} plus, for sources
-    with ReaL labels (imagenet2012_real), 'real_labels' float32 [b, num_classes]
-    multi-hot (all-zero where an image has no ReaL label).
+    'labels': float32 [b, num_classes] multi-hot, 'mask': bool [b]}.
   """
   process_index, process_count = _process(process_index, process_count)
-  dataset = dataset or config.dataset
-  split = split or config.eval_split
   local_batch = _local_batch_size(batch_size or config.eval_batch_size, process_count,
                                   'eval_batch_size')
-  source = _get_source(config, dataset)
-  num_classes = config.num_classes
+  source, num_classes = get_eval_source(config, dataset)
+  if label_field == 'real_label' and not source.has_real_labels:
+    raise ValueError(f"label_field='real_label' needs a dataset with ReaL labels "
+                     f"(imagenet2012_real), not {source.name or dataset!r}.")
   size = config.image_size
   counts = [source.num_examples(split, process_index=i, process_count=process_count)
             for i in range(process_count)]
   num_steps = max(1, math.ceil(max(counts) / local_batch))
-  with_real = source.has_real_labels
 
   def preprocess(example):
     data = _decode_checked(example['image'], example['source_id'])
-    image = _eval_resize(ops.decode(data), config)
-    out = {'image': tf.ensure_shape(ops.value_range(image), [size, size, 3]),
-           'labels': ops.multi_hot(example['label'], num_classes),
-           'mask': tf.constant(True)}
-    if with_real:
-      out['real_labels'] = ops.multi_hot(example['real_label'], num_classes)
-    return out
+    labels = ops.multi_hot(example[label_field], num_classes)
+    return {'image': ops.eval_transform(ops.decode(data), image_size=size, pp=pp,
+                                        crop_fraction=crop_fraction),
+            'labels': labels,
+            # An image without a label (ReaL has ~1k of them) is left out like padding.
+            'mask': tf.reduce_any(labels > 0)}
 
   ds = source.read(split, process_index=process_index, process_count=process_count)
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
@@ -319,8 +324,6 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *, dataset: str | No
   padding = {'image': tf.zeros([size, size, 3], tf.float32),
              'labels': tf.zeros([num_classes], tf.float32),
              'mask': tf.constant(False)}
-  if with_real:
-    padding['real_labels'] = tf.zeros([num_classes], tf.float32)
   # Endless padding after the real examples, then exactly num_steps batches:
   # the last real batch is filled up with masked-out examples, and processes
   # with fewer examples run the same number of steps.
@@ -328,4 +331,4 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *, dataset: str | No
   ds = ds.batch(local_batch, drop_remainder=True).take(num_steps)
   ds = ds.prefetch(config.input.prefetch).with_options(_dataset_options(config))
   return EvalData(dataset=ds, num_examples=sum(counts), num_steps=num_steps,
-                  local_batch_size=local_batch)
+                  local_batch_size=local_batch, num_classes=num_classes)

@@ -14,6 +14,15 @@ The parameter tree is exactly the one of Google's released `.npz` checkpoints
 Every parameter carries logical axis names (`nn.with_logical_partitioning`), so
 the trainer shards it by the rules of `mixer.sharding`; `unbox` gives the
 plain arrays that `mixer.checkpoint` reads and writes.
+
+With `scan_blocks=True` the blocks run under `nn.scan` (one compiled block body
+instead of `num_blocks` copies: compile time no longer grows with depth), and
+their parameters are stacked along a leading 'layers' axis under
+`MixerBlocks/...` (e.g. `MixerBlocks/token_mixing/Dense_0/kernel` is
+`[num_blocks, S, D_S]`). `mixer.param_layout` converts between that layout and
+the released one. `remat` ('none' | 'full' | 'dots') recomputes each block's
+activations in the backward pass instead of keeping them ('dots' keeps the
+matmul outputs and recomputes only the cheap elementwise ops).
 """
 
 from __future__ import annotations
@@ -36,6 +45,12 @@ CLASSES = 'classes'
 CONV_HEIGHT = 'conv_height'
 CONV_WIDTH = 'conv_width'
 CONV_IN = 'conv_in'
+LAYERS = 'layers'            # the stacked block axis of scanned parameters
+
+# jax.checkpoint policies of `MlpMixer.remat`: what the backward pass may keep.
+# 'full' keeps only each block's input; 'dots' also keeps every matmul output
+# (Mixer's matmuls have no batch dimensions, so this is checkpoint_dots).
+REMAT_POLICIES = {'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots}
 
 
 def _partitioned(init, names):
@@ -79,19 +94,23 @@ def _layer_norm(dtype, name=None):
 class StochasticDepth(nn.Module):
   """Drops a whole residual branch per example with probability `rate` (train only).
 
-  Kept branches are scaled by 1/(1-rate) (as timm's DropPath and dropout do) so the
-  branch has the same expected value at training and at evaluation time.
+  By default kept branches are NOT rescaled, as in the authors' code
+  (big_vision/models/mlp_mixer.py: `x + y * _stoch_depth_mask(...)`, a 0/1
+  mask). `rescale=True` scales them by 1/(1-rate), as timm's DropPath does, so
+  the branch has the same expected value at training and at evaluation time.
   """
   rate: float
+  rescale: bool = False
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    if not train or self.rate == 0.0:
+    # Under nn.scan (scan_blocks) the rate is a traced per-layer value: never skip then.
+    if not train or (not isinstance(self.rate, jax.Array) and self.rate == 0.0):
       return x
     keep = 1.0 - self.rate
     mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng('dropout'), keep, mask_shape)
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    return jnp.where(mask, x / keep if self.rescale else x, jnp.zeros_like(x))
 
 
 class MixerBlock(nn.Module):
@@ -101,21 +120,54 @@ class MixerBlock(nn.Module):
   dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  drop_path_rescale: bool = False
 
+  # `train` may be positional: nn.remat needs it there to treat it as static.
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     y = _layer_norm(self.dtype)(x)
     y = jnp.swapaxes(y, 1, 2)  # [N, C, S]: the token MLP mixes along S.
     y = MlpBlock(self.tokens_mlp_dim, TOKENS, TOKEN_MLP, self.dropout_rate,
                  self.dtype, name='token_mixing')(y, train=train)
     y = jnp.swapaxes(y, 1, 2)
-    x = x + StochasticDepth(self.drop_path_rate)(y, train=train)
+    x = x + StochasticDepth(self.drop_path_rate, self.drop_path_rescale)(y, train=train)
     x = nn.with_logical_constraint(x, (BATCH, None, None))
     y = _layer_norm(self.dtype)(x)
     y = MlpBlock(self.channels_mlp_dim, EMBED, CHANNEL_MLP, self.dropout_rate,
                  self.dtype, name='channel_mixing')(y, train=train)
-    x = x + StochasticDepth(self.drop_path_rate)(y, train=train)
+    x = x + StochasticDepth(self.drop_path_rate, self.drop_path_rescale)(y, train=train)
     return nn.with_logical_constraint(x, (BATCH, None, None))
+
+
+def drop_path_rate(stoch_depth, index, num_blocks):
+  """Stochastic depth of block `index`: linear from 0 (first block) to `stoch_depth` (last)."""
+  return stoch_depth * index / max(num_blocks - 1, 1)
+
+
+class _ScanStep(nn.Module):
+  """One MixerBlock as an `nn.scan` body: (x, block index, train) -> (x, None).
+
+  The block shares this module's scope, so the scanned parameters have the
+  block's own names (`MixerBlocks/token_mixing/...`), only stacked.
+  """
+  tokens_mlp_dim: int
+  channels_mlp_dim: int
+  num_blocks: int
+  dropout_rate: float = 0.0
+  stoch_depth: float = 0.0
+  dtype: Any = jnp.float32
+  stoch_depth_rescale: bool = False
+
+  @nn.compact
+  def __call__(self, x, index, train):
+    # The rate depends on the (traced) block index; a plain 0.0 when stochastic
+    # depth is off keeps the step free of its random masks.
+    rate = (drop_path_rate(self.stoch_depth, index, self.num_blocks) if self.stoch_depth
+            else 0.0)
+    block = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, self.dropout_rate, rate,
+                       self.dtype, drop_path_rescale=self.stoch_depth_rescale)
+    nn.share_scope(self, block)
+    return block(x, train=train), None
 
 
 class MlpMixer(nn.Module):
@@ -126,10 +178,24 @@ class MlpMixer(nn.Module):
   `[N, num_classes]`; with `num_classes=0`, or `return_prelogits=True`, it returns
   the pre-logits: the mean over tokens after the pre-head LayerNorm, `[N, hidden_dim]`.
 
-  `dtype` is the compute dtype (e.g. bfloat16); parameters always stay float32.
+  `dtype` is the compute dtype of the stem and the MLPs (e.g. bfloat16: their
+  matmuls and GELUs run in it); parameters always stay float32, and so do the
+  residual stream, the LayerNorm statistics (flax's LayerNorm reduces in float32,
+  then casts its output to `dtype` for the next matmul), the pre-head LayerNorm,
+  the pre-logits and the head. big_vision's Mixer keeps every activation in
+  float32 (TPU matmuls already run bf16 passes by default); this keeps the
+  parts whose rounding accumulates over depth (the residual sum) or is read
+  directly (logits: a bf16 sigmoid logit near its -10 initial bias has steps
+  of 0.06) in float32 and the bulk of the FLOPs and activation memory in bf16.
   Stochastic depth rises linearly per block from 0 (first block) to
   `stoch_depth` (last block) and, like dropout, is active only with
-  `train=True` and needs the `'dropout'` rng.
+  `train=True` and needs the `'dropout'` rng. Kept branches are not rescaled
+  (big_vision's Mixer); `stoch_depth_rescale=True` scales them by 1/(1-p)
+  (timm's DropPath).
+
+  `scan_blocks` and `remat` change how the blocks are compiled and what the
+  backward pass keeps, not the function: the same weights (converted with
+  `mixer.param_layout`) give the same logits and gradients.
   """
   num_classes: int
   patch_size: int
@@ -140,6 +206,9 @@ class MlpMixer(nn.Module):
   dropout_rate: float = 0.0
   stoch_depth: float = 0.0
   dtype: Any = jnp.float32
+  scan_blocks: bool = False
+  remat: str = 'none'
+  stoch_depth_rescale: bool = False
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_prelogits: bool = False):
@@ -157,22 +226,51 @@ class MlpMixer(nn.Module):
         kernel_init=_partitioned(nn.initializers.lecun_normal(),
                                  (CONV_HEIGHT, CONV_WIDTH, CONV_IN, EMBED)),
         bias_init=_partitioned(nn.initializers.zeros, (EMBED,)))(images.astype(self.dtype))
+    # Mixed precision: the residual stream stays float32 whatever `dtype` is
+    # (each block adds its bf16 MLP output to it in float32), as big_vision's
+    # Mixer keeps activations in float32; see the class docstring.
+    x = x.astype(jnp.float32)
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))  # Tokens in raster (row-major) order.
     x = nn.with_logical_constraint(x, (BATCH, None, None))
-    for i in range(self.num_blocks):
-      rate = self.stoch_depth * i / max(self.num_blocks - 1, 1)
-      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, self.dropout_rate,
-                     rate, self.dtype, name=f'MixerBlock_{i}')(x, train=train)
-    x = _layer_norm(self.dtype, name='pre_head_layer_norm')(x)
+    x = self._blocks(x, train)
+    x = _layer_norm(jnp.float32, name='pre_head_layer_norm')(x)
     x = jnp.mean(x, axis=1)
     if self.num_classes == 0 or return_prelogits:
       return x.astype(jnp.float32)
     logits = nn.Dense(
-        self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='head',
+        self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name='head',
         kernel_init=_partitioned(nn.initializers.zeros, (EMBED, CLASSES)),
         bias_init=_partitioned(nn.initializers.zeros, (CLASSES,)))(x)
     return logits.astype(jnp.float32)
+
+
+  def _blocks(self, x, train: bool):
+    if self.remat not in ('none', *REMAT_POLICIES):
+      raise ValueError(f"MlpMixer.remat={self.remat!r}: use 'none', 'full' or 'dots'.")
+    if self.scan_blocks:
+      step = _ScanStep
+      if self.remat != 'none':
+        # 0=self, 1=x, 2=index, 3=train (static: it selects Python branches). Scan
+        # already keeps XLA from merging the recomputation away, so no prevent_cse.
+        step = nn.remat(step, prevent_cse=False, static_argnums=(3,),
+                        policy=REMAT_POLICIES[self.remat])
+      x, _ = nn.scan(
+          step, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+          in_axes=(0, nn.broadcast), length=self.num_blocks,
+          metadata_params={nn.PARTITION_NAME: LAYERS})(
+              self.tokens_mlp_dim, self.channels_mlp_dim, self.num_blocks, self.dropout_rate,
+              self.stoch_depth, self.dtype, self.stoch_depth_rescale, name='MixerBlocks')(
+                  x, jnp.arange(self.num_blocks), train)
+      return x
+    block = MixerBlock
+    if self.remat != 'none':
+      block = nn.remat(block, static_argnums=(2,), policy=REMAT_POLICIES[self.remat])
+    for i in range(self.num_blocks):
+      x = block(self.tokens_mlp_dim, self.channels_mlp_dim, self.dropout_rate,
+                drop_path_rate(self.stoch_depth, i, self.num_blocks), self.dtype,
+                drop_path_rescale=self.stoch_depth_rescale, name=f'MixerBlock_{i}')(x, train)
+    return x
 
 
 def unbox(tree):
@@ -187,11 +285,16 @@ def unbox(tree):
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
+  """The architecture sizes of a paper variant (Table 1); every other field is a training choice."""
   patch_size: int
   hidden_dim: int
   num_blocks: int
   tokens_mlp_dim: int
   channels_mlp_dim: int
+
+
+# The MlpMixer fields that fix the parameter shapes (besides num_classes).
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(Variant))
 
 
 _SIZES = {  # Table 1 of the paper: (hidden C, blocks, D_S, D_C).

@@ -12,9 +12,12 @@ Schedule
   lr_t = lr * min(1, step / warmup_steps) * decay(progress),
   progress = clip((step - warmup_steps) / (total_steps - warmup_steps), 0, 1),
 
-with `decay_type='linear'` going from `lr` down to `linear_end` (an absolute
-learning rate, as in vision_transformer; big_vision's `linear_end` is relative
-to `lr` instead) and `decay_type='cosine'` going from `lr` down to 0. The first
+with `decay_type='linear'` going from `lr` down to `lr * linear_end` (relative
+to the peak, as big_vision's `create_learning_rate_schedule` in `utils.py`:
+`lr * (zero + (1 - zero) * (1 - progress))`; its Mixer configs use 1e-5, so a
+run ends at 1e-5 of its peak) and `decay_type='cosine'` going from `lr` down to
+0. Both are optax's own schedules (`linear_schedule`, `cosine_decay_schedule`,
+`join_schedules`). The first
 update (step 0) therefore has learning rate 0 when there is a warmup, as in
 vision_transformer and big_vision.
 
@@ -70,7 +73,7 @@ Optimizer state
 entry per stage listed above (skipped stages are `optax.EmptyState()`):
 'adam': (clip, ScaleByAdamState(count, mu, nu), MaskedState or EmptyState,
 ScaleByScheduleState(count)); 'momentum': (clip, TraceState(trace),
-ScaleByScheduleState(count)). `step_from_opt_state` reads the update count back.
+ScaleByScheduleState(count)).
 """
 
 from __future__ import annotations
@@ -95,15 +98,15 @@ ADAM_EPS = 1e-8
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Returns step -> learning rate: linear warmup, then linear or cosine decay.
+  """Returns step -> learning rate: linear warmup, then linear or cosine decay (optax's).
 
   Args:
     config: reads `lr`, `warmup_steps`, `total_steps`, `decay_type` and, for
-      'linear', `linear_end` (absolute learning rate at `total_steps`).
+      'linear', `linear_end` (relative to `lr`, as big_vision's).
 
   Returns:
-    A function of the 0-based update index (Python int or jax scalar, traceable)
-    returning a float32 learning rate.
+    A function of the 0-based update index (Python int or jax scalar, traceable).
+    With `total_steps=0` (evaluate-only: no update is ever made) it is 0.
   """
   base_lr = float(config.lr)
   warmup_steps = int(config.warmup_steps)
@@ -112,31 +115,21 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   if decay_type not in DECAY_TYPES:
     raise ValueError(f'Unknown config.decay_type {decay_type!r}; '
                      f'use one of {DECAY_TYPES}.')
-  if warmup_steps < 0:
-    raise ValueError(f'config.warmup_steps must be >= 0, got {warmup_steps}.')
-  if total_steps <= warmup_steps:
+  if not total_steps:
+    return optax.constant_schedule(0.0)
+  if warmup_steps < 0 or total_steps <= warmup_steps:
     raise ValueError(
-        f'config.total_steps ({total_steps}) must be larger than '
-        f'config.warmup_steps ({warmup_steps}); lower the warmup or train longer.')
-  linear_end = float(config.linear_end) if decay_type == 'linear' else 0.0
-
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    progress = jnp.clip((step - warmup_steps) / (total_steps - warmup_steps), 0.0, 1.0)
-    if decay_type == 'linear':
-      lr = linear_end + (base_lr - linear_end) * (1.0 - progress)
-    else:
-      lr = base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    if warmup_steps:
-      lr = lr * jnp.minimum(1.0, step / warmup_steps)
-    return lr
-
-  return schedule
-
-
-def learning_rate_at(config: ml_collections.ConfigDict, step) -> float:
-  """The learning rate of update `step` (0-based), as a Python float, for logging."""
-  return float(make_schedule(config)(step))
+        f'config.warmup_steps ({warmup_steps}) must be >= 0 and below config.total_steps '
+        f'({total_steps}); lower the warmup or train longer.')
+  decay_steps = total_steps - warmup_steps
+  if decay_type == 'linear':
+    decay = optax.linear_schedule(base_lr, base_lr * float(config.linear_end), decay_steps)
+  else:
+    decay = optax.cosine_decay_schedule(base_lr, decay_steps)
+  if not warmup_steps:
+    return decay
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, base_lr, warmup_steps), decay], [warmup_steps])
 
 
 def kernel_mask(params: Any) -> Any:
@@ -193,24 +186,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
                               accumulator_dtype=mu_dtype))
   stages.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*stages)
-
-
-def global_norm(tree: Any) -> jax.Array:
-  """L2 norm over all leaves of `tree`, in float32 (for logging grad/param norms)."""
-  leaves = jax.tree_util.tree_leaves(tree)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
-
-def step_from_opt_state(opt_state: Any) -> jax.Array:
-  """The number of updates applied so far, read from the schedule's counter."""
-  for state in jax.tree_util.tree_leaves(
-      opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState)):
-    if isinstance(state, optax.ScaleByScheduleState):
-      return state.count
-  raise ValueError('No optax.ScaleByScheduleState in this optimizer state; was it '
-                   'built by mixer.optim.make_optimizer?')
 
 
 def _clip(grad_clip_norm) -> optax.GradientTransformation:

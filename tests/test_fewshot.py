@@ -2,12 +2,12 @@
 
 import logging
 
-import ml_collections
 import numpy as np
 import pytest
 from sklearn import datasets as sk_datasets
 from sklearn import linear_model
 
+from mixer import evaluators
 from mixer.evaluators import fewshot
 
 L2_REG = 2.0 ** 10
@@ -100,10 +100,10 @@ def _fake_pipeline(digits, batch_size=128):
 
 def test_evaluator_run(digits, caplog):
   data_fn, embed_fn, calls = _fake_pipeline(digits)
-  config = ml_collections.ConfigDict({
-      'every_steps': 10, 'shots': (1, 5, 10, 1000), 'l2_reg': L2_REG, 'num_seeds': 2,
-      'datasets': {'digits': ('digits', 'train', 'test'), 'again': ('digits', 'train', 'test')}})
-  evaluator = fewshot.FewShotEvaluator(config, embed_fn, data_fn)
+  config = evaluators.settings(
+      'fewshot', every_steps=10, shots=(1, 5, 10, 1000), l2_reg=L2_REG, num_seeds=2,
+      datasets={'digits': ('digits', 'train', 'test'), 'again': ('digits', 'train', 'test')})
+  evaluator = fewshot.FewShotEvaluator('fewshot', config, embed_fn, data_fn)
   with caplog.at_level(logging.WARNING):
     results = evaluator.run({'scale': 1.0})
   assert set(results) == {f'fewshot/{name}_{k}shot' for name in ('digits', 'again')
@@ -125,7 +125,7 @@ def test_evaluator_run(digits, caplog):
 
 def test_evaluator_rejects_bad_dataset_spec(digits):
   data_fn, embed_fn, _ = _fake_pipeline(digits)
-  config = ml_collections.ConfigDict({'shots': (1,), 'l2_reg': L2_REG, 'num_seeds': 1,
-                                      'datasets': {'digits': ('digits', 'train')}})
+  config = evaluators.settings('fewshot', shots=(1,), l2_reg=L2_REG, num_seeds=1,
+                               datasets={'digits': ('digits', 'train')})
   with pytest.raises(ValueError, match=r'\(dataset, train_split, test_split\)'):
-    fewshot.FewShotEvaluator(config, embed_fn, data_fn)
+    fewshot.FewShotEvaluator('fewshot', config, embed_fn, data_fn)

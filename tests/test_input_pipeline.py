@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mixer import config_lib
-from mixer import input_pipeline
+from mixer import input_pipeline, preprocess_ops
 
 
 def _config(**overrides):
@@ -54,8 +54,8 @@ def test_digits_train_and_eval_batches_have_the_contract_shapes():
   assert -1.0 <= batch['image'].min() and batch['image'].max() <= 1.0
   assert batch['labels'].shape == (8, 10) and batch['labels'].dtype == np.float32
   np.testing.assert_allclose(batch['labels'].sum(1), 1.0, rtol=1e-5)
-  for eval_pp in ('resize', 'resmall_crop', 'resize_crop'):
-    data = input_pipeline.create_eval_iterator(_config(**{'input.eval_pp': eval_pp}))
+  for pp in preprocess_ops.EVAL_PP:
+    data = input_pipeline.create_eval_iterator(_config(), split='test', pp=pp)
     assert data.num_examples == 360 and data.num_steps == 60 and data.local_batch_size == 6
     first = next(iter(data))
     assert first['image'].shape == (6, 8, 8, 3) and first['mask'].dtype == bool
@@ -130,7 +130,8 @@ def test_padded_eval_counts_each_example_once_over_processes(tmp_path):
   config = _config(dataset=f'imagefolder:{root}', num_classes=3, eval_batch_size=8)
   values, steps = [], set()
   for index in range(2):
-    data = input_pipeline.create_eval_iterator(config, process_index=index, process_count=2)
+    data = input_pipeline.create_eval_iterator(config, split='test', process_index=index,
+                                               process_count=2)
     assert data.num_examples == 15 and data.local_batch_size == 4
     batches = list(data)
     assert len(batches) == data.num_steps
@@ -142,7 +143,8 @@ def test_padded_eval_counts_each_example_once_over_processes(tmp_path):
   assert steps == {2}
   assert sorted(values) == sorted(20 * label + i + 1 for label in range(3) for i in range(5))
   # Re-iterable: a second pass gives the same batches.
-  data = input_pipeline.create_eval_iterator(config, process_index=0, process_count=2)
+  data = input_pipeline.create_eval_iterator(config, split='test', process_index=0,
+                                             process_count=2)
   np.testing.assert_array_equal(next(iter(data))['image'], next(iter(data))['image'])
 
 
@@ -163,7 +165,7 @@ def test_configuration_errors_are_clear(tmp_path):
                                          process_count=4)
   with pytest.raises(ValueError, match='Set config.num_classes=10'):
     input_pipeline.create_train_iterator(_config(num_classes=7))
-  with pytest.raises(FileNotFoundError, match='tfds build'):
+  with pytest.raises(FileNotFoundError, match='python -m mixer.datasets.prepare cifar10'):
     input_pipeline.create_train_iterator(_config(dataset='cifar10', data_dir=str(tmp_path)))
 
 
@@ -173,12 +175,18 @@ def test_tfds_mock_datasets_give_contract_batches(tmp_path):
                      **{'input.randaug_magnitude': 10})
     batch = next(input_pipeline.create_train_iterator(config))
     assert batch['image'].shape == (8, 8, 8, 3) and batch['labels'].shape == (8, 10)
-    config = _config(dataset='imagenet2012', num_classes=1000, data_dir=str(tmp_path),
-                     eval_split='validation', **{'input.eval_pp': 'resmall_crop'})
-    data = input_pipeline.create_eval_iterator(config)
-    assert data.num_examples == 10 and data.num_steps == 2
-    data = input_pipeline.create_eval_iterator(config, dataset='imagenet2012_real')
+    config = _config(dataset='imagenet2012', num_classes=1000, data_dir=str(tmp_path))
+    data = input_pipeline.create_eval_iterator(config, split='validation', pp='resmall_crop')
+    assert data.num_examples == 10 and data.num_steps == 2 and data.num_classes == 1000
+    data = input_pipeline.create_eval_iterator(config, dataset='imagenet2012_real',
+                                               split='validation', label_field='real_label')
     batches = list(data)
-    assert batches[0]['real_labels'].shape == (6, 1000)
-    assert sum(b['mask'].sum() for b in batches) == 10
+    assert batches[0]['labels'].shape == (6, 1000)
+    # Only images with a ReaL label count (mock data gives some none).
+    with_label = sum(int((b['labels'].sum(1) > 0).sum()) for b in batches)
+    assert sum(b['mask'].sum() for b in batches) == with_label > 0
     assert batches[0]['image'].min() >= -1 and batches[0]['image'].max() <= 1
+    # An evaluator's dataset has its own class count, whatever the training config's.
+    data = input_pipeline.create_eval_iterator(_config(data_dir=str(tmp_path)),
+                                               dataset='cifar100', split='test')
+    assert data.num_classes == 100 and next(iter(data))['labels'].shape == (6, 100)

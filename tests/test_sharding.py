@@ -11,10 +11,9 @@ from tests import multidevice
 _EQUIVALENCE = r'''
 import json
 import jax, jax.numpy as jnp, numpy as np
-import flax.linen as nn
 import ml_collections
 import optax
-from mixer import config_lib, losses, optim, sharding, train
+from mixer import config_lib, sharding, trainer_setup
 
 config = config_lib.base_config()
 config.model.update(patch_size=4, hidden_dim=32, num_blocks=2, tokens_mlp_dim=16,
@@ -29,22 +28,15 @@ batches = [{'image': rng.uniform(-1, 1, (32, 16, 16, 3)).astype(np.float32),
 def run(mesh_axes, devices):
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, model=1))
   config.mesh.update(mesh_axes)
-  mesh = sharding.create_mesh(config, devices)
-  rules = sharding.logical_rules(config)
-  model = train.build_model(config)
-  tx = optim.make_optimizer(config)
-  init_state = train.make_init_state(model, tx, config)
-  init_rng, dropout_rng = jax.random.split(jax.random.key(0))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    _, state_sharding = train.abstract_train_state(init_state, tx, mesh, rules, init_rng)
-    state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
-    step = jax.jit(train.make_train_step(model, losses.get_loss_fn('softmax_xent'), tx,
-                                         optim.make_schedule(config), config, mesh),
-                   in_shardings=(state_sharding, sharding.batch_sharding(mesh), None),
-                   out_shardings=(state_sharding, None), donate_argnums=(0,))
-    loss_values = []
+  # The trainer's own set-up path and compiled step.
+  setup = trainer_setup.build(config, devices)
+  mesh = setup.mesh
+  state = setup.create_state()
+  step = trainer_setup.compile_train_step(setup)
+  loss_values = []
+  with setup.context():
     for batch in batches:
-      state, metrics = step(state, sharding.put_local_batch(batch, mesh), dropout_rng)
+      state, metrics = step(state, sharding.put_local_batch(batch, mesh), setup.dropout_rng)
       loss_values.append(float(metrics['train/loss']))
   kernel = state['params']['MixerBlock_0']['channel_mixing']['Dense_0']['kernel']
   mu = optax.tree_utils.tree_get(state['opt_state'], 'mu')

@@ -16,7 +16,7 @@ import pytest
 
 from flax import traverse_util
 
-from mixer import checkpoint, config_lib, train, weights
+from mixer import checkpoint, config_lib, evaluators, train, weights
 from tests import multidevice
 
 REPO = multidevice.REPO
@@ -25,12 +25,13 @@ REPO = multidevice.REPO
 digits = config_lib.load_config_module(os.path.join(REPO, 'configs', 'digits.py'))
 
 
-def tiny_config(**overrides):
+def tiny_config(eval_every=6, **overrides):
   """configs/digits.py shrunk to a fast smoke run (same data and pipeline)."""
   config = digits.get_config()
   config.model.update(hidden_dim=32, num_blocks=2, tokens_mlp_dim=16, channels_mlp_dim=64)
   config.update(image_size=16, batch_size=32, eval_batch_size=40, total_steps=12, warmup_steps=2,
-                log_every=4, eval_every=6, checkpoint_every=6)
+                log_every=4, checkpoint_every=6)
+  config.evals.eval.every_steps = eval_every
   config.model.patch_size = 4
   config.update(overrides)
   return config
@@ -90,8 +91,9 @@ def test_digits_demo_reaches_95_percent(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
-  flags = ('--config.total_steps=300', '--config.checkpoint_every=20', '--config.eval_every=1000',
-           '--config.log_every=50', '--config.warmup_steps=10')
+  flags = ('--config.total_steps=300', '--config.checkpoint_every=20',
+           '--config.evals.eval.every_steps=1000', '--config.log_every=50',
+           '--config.warmup_steps=10')
   reference = str(tmp_path / 'uninterrupted')
   run_main(reference, *flags)
 
@@ -121,9 +123,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 def test_checkpoint_from_8_device_fsdp_mesh_restores_on_1_device(tmp_path):
   workdir = str(tmp_path)
   run_main(workdir, '--config.total_steps=10', '--config.checkpoint_every=5',
-           '--config.mesh.fsdp=4', '--config.eval_every=10', num_devices=8)
+           '--config.mesh.fsdp=4', '--config.evals.eval.every_steps=10', num_devices=8)
   resumed = run_main(workdir, '--config.total_steps=20', '--config.checkpoint_every=5',
-                     '--config.eval_every=10', num_devices=1)
+                     '--config.evals.eval.every_steps=10', num_devices=1)
   assert 'Resumed from step 10' in resumed.stderr
   steps = [r['step'] for r in read_metrics(workdir) if 'train/loss' in r]
   assert max(steps) == 20
@@ -133,8 +135,9 @@ def test_checkpoint_from_8_device_fsdp_mesh_restores_on_1_device(tmp_path):
 def test_two_processes_train_together_and_one_process_continues(tmp_path):
   workdir = str(tmp_path)
   port = 20000 + os.getpid() % 20000
-  flags = ('--config.total_steps=30', '--config.checkpoint_every=10', '--config.eval_every=30',
-           '--config.log_every=5', '--config.warmup_steps=2', '--config.lr=0.01')
+  flags = ('--config.total_steps=30', '--config.checkpoint_every=10',
+           '--config.evals.eval.every_steps=30', '--config.log_every=5', '--config.warmup_steps=2',
+           '--config.lr=0.01')
   processes = [
       subprocess.Popen(
           main_command(workdir, *flags, f'--coordinator_address=127.0.0.1:{port}',
@@ -150,7 +153,8 @@ def test_two_processes_train_together_and_one_process_continues(tmp_path):
   losses = [r['train/loss'] for r in read_metrics(workdir) if 'train/loss' in r]
   assert len(losses) == 6 and losses[-1] < losses[0], losses
   resumed = run_main(workdir, '--config.total_steps=40', '--config.checkpoint_every=10',
-                     '--config.eval_every=40', '--config.log_every=5', '--config.warmup_steps=2')
+                     '--config.evals.eval.every_steps=40', '--config.log_every=5',
+                     '--config.warmup_steps=2')
   assert 'Resumed from step 30' in resumed.stderr
   assert max(r['step'] for r in read_metrics(workdir)) == 40
 
@@ -255,7 +259,7 @@ def test_flagship_config_runs_locally_with_fewshot(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tmp_path):
   workdir = str(tmp_path)
   flags = ('--config.total_steps=2000', '--config.checkpoint_every=1000',
-           '--config.eval_every=5000', '--config.log_every=50')
+           '--config.evals.eval.every_steps=5000', '--config.log_every=50')
   process = subprocess.Popen(main_command(workdir, *flags), cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True, env=multidevice.subprocess_env(1))
   deadline = time.time() + 300
@@ -271,7 +275,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tmp_path):
   assert len(saved) == 1 and 50 <= saved[0] < 1000  # Saved off-schedule, at the signal.
   assert not os.path.exists(os.path.join(workdir, 'final.npz'))
   resumed = run_main(workdir, '--config.total_steps=' + str(saved[0] + 20),
-                     '--config.checkpoint_every=1000', '--config.eval_every=5000',
+                     '--config.checkpoint_every=1000', '--config.evals.eval.every_steps=5000',
                      '--config.log_every=10')
   assert f'Resumed from step {saved[0]}' in resumed.stderr
   assert os.path.exists(os.path.join(workdir, 'final.npz'))
@@ -280,14 +284,17 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tmp_path):
 def test_tfds_imagenet_with_real_labels_through_the_trainer(tmp_path):
   """The TFDS source (mock data, offline) end to end, with the ReaL evaluator on."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  config = tiny_config(dataset='imagenet2012', train_split='train', eval_split='validation',
-                       num_classes=1000, total_steps=4, eval_every=4, checkpoint_every=4,
-                       log_every=2, real_eval=True, batch_size=8, eval_batch_size=8)
+  config = tiny_config(dataset='imagenet2012', train_split='train', num_classes=1000,
+                       total_steps=4, eval_every=4, checkpoint_every=4, log_every=2,
+                       batch_size=8, eval_batch_size=8)
+  config.evals.eval.split = 'validation'
+  config.evals.real = evaluators.settings('classification', dataset='imagenet2012_real',
+                                          split='validation', label_field='real_label')
   with tfds.testing.mock_data(num_examples=12):
     results = train.train_and_evaluate(config, str(tmp_path))
   assert results['step'] == 4
-  assert 0.0 <= results['eval/accuracy'] <= 1.0
-  assert 0.0 <= results['eval/real_accuracy'] <= 1.0
+  assert 0.0 <= results['eval/accuracy'] <= results['eval/top5_accuracy'] <= 1.0
+  assert 0.0 <= results['real/accuracy'] <= 1.0
 
 
 def test_preemption_notice_saves_and_returns_the_step(tmp_path, monkeypatch):
@@ -298,3 +305,69 @@ def test_preemption_notice_saves_and_returns_the_step(tmp_path, monkeypatch):
   assert results['step'] == 5
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['5']
   assert not os.path.exists(tmp_path / 'final.npz')
+
+
+def _write_image_folder(root, num_classes, per_class):
+  """A tiny `imagefolder:` dataset: noisy images whose mean colour is the class."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for split in ('train', 'test'):
+    for label in range(num_classes):
+      folder = root / split / f'class_{label}'
+      folder.mkdir(parents=True)
+      for i in range(per_class):
+        pixels = np.clip(rng.normal(60 + 70 * label, 20, (12, 12, 3)), 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f'{i}.png')
+  return f'imagefolder:{root}'
+
+
+def test_evaluators_have_their_own_data_classes_and_cadences(tmp_path):
+  """The few-shot set has 3 classes while training has 10 (the flagship configs' case:
+  1000-class ImageNet probes on a 21843-class model); each evaluator keeps its cadence."""
+  probe = _write_image_folder(tmp_path / 'probe', num_classes=3, per_class=6)
+  config = tiny_config(total_steps=12, eval_every=10, checkpoint_every=12)
+  config.evals.fewshot = evaluators.settings(
+      'fewshot', every_steps=4, datasets={'probe': (probe, 'train', 'test')}, shots=(1, 5),
+      num_seeds=1)
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(config, workdir)
+  rows = read_metrics(workdir)
+  assert [r['step'] for r in rows if 'eval/accuracy' in r] == [10, 12]
+  assert [r['step'] for r in rows if 'fewshot/probe_5shot' in r] == [4, 8, 12]
+  assert 0.0 <= results['fewshot/probe_1shot'] <= 1.0
+  assert 'eval/top5_accuracy' in results
+  sidecar = json.loads((tmp_path / 'run' / 'final.json').read_text())
+  assert sidecar['image_size'] == 16 and sidecar['num_classes'] == 10
+  assert sidecar['preprocessing']['pp'] == 'resize' and sidecar['step'] == 12
+  assert sidecar['model']['hidden_dim'] == 32 and sidecar['labels'] == [str(i) for i in range(10)]
+
+
+def test_missing_evaluator_dataset_fails_before_any_state(tmp_path):
+  config = tiny_config()
+  config.evals.fewshot = evaluators.settings(
+      'fewshot', datasets={'gone': (f'imagefolder:{tmp_path}/nowhere', 'train', 'test')})
+  with pytest.raises(Exception, match='nowhere'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints' / '0')
+
+
+def test_evaluate_only_on_a_finished_workdir_and_on_an_init_file(tmp_path):
+  workdir = str(tmp_path / 'run')
+  finished = train.train_and_evaluate(tiny_config(total_steps=6, checkpoint_every=6), workdir)
+  before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  npz_before = (tmp_path / 'run' / 'final.npz').read_bytes()
+  again = train.train_and_evaluate(tiny_config(total_steps=0, warmup_steps=0), workdir)
+  assert again['step'] == 6
+  assert again['eval/accuracy'] == pytest.approx(finished['eval/accuracy'], abs=1e-6)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
+  assert (tmp_path / 'run' / 'final.npz').read_bytes() == npz_before  # Nothing else changed.
+
+  from_file = train.train_and_evaluate(
+      tiny_config(total_steps=0, warmup_steps=0, init_from=os.path.join(workdir, 'final.npz'),
+                  init_head='keep'), str(tmp_path / 'eval_only'))
+  assert from_file['step'] == 0
+  assert from_file['eval/accuracy'] == pytest.approx(finished['eval/accuracy'], abs=1e-6)
+  assert not os.path.exists(tmp_path / 'eval_only' / 'final.npz')
+  with pytest.raises(ValueError, match='evaluate-only'):
+    train.train_and_evaluate(tiny_config(total_steps=0, warmup_steps=0),
+                             str(tmp_path / 'nothing'))

@@ -36,6 +36,11 @@ class DataSource(abc.ABC):
   def num_classes(self) -> int | None:
     """Number of classes, or None where the source does not know it."""
 
+  @property
+  def class_names(self) -> list[str] | None:
+    """Readable class names in label order, where the source knows them (for the sidecar)."""
+    return None
+
   @abc.abstractmethod
   def num_examples(self, split: str, *, process_index: int = 0,
                    process_count: int = 1) -> int:
@@ -45,6 +50,14 @@ class DataSource(abc.ABC):
   def read(self, split: str, *, process_index: int = 0,
            process_count: int = 1) -> tf.data.Dataset:
     """Encoded examples of process `process_index`'s part of `split`, in a fixed order."""
+
+  def check_split(self, split: str) -> None:
+    """Raises (FileNotFoundError, ValueError) if `split` cannot be read; cheap, no decoding.
+
+    Sources whose example count is expensive (a scan of every record) override it.
+    """
+    if self.num_examples(split) == 0:
+      raise ValueError(f'Split {split!r} of {self.name!r} has no examples.')
 
 
 def shard_bounds(num_items: int, process_index: int, process_count: int) -> tuple[int, int]:

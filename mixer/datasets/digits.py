@@ -49,6 +49,10 @@ class DigitsSource(core.DataSource):
   def num_classes(self) -> int:
     return NUM_CLASSES
 
+  @property
+  def class_names(self) -> list[str]:
+    return [str(digit) for digit in range(NUM_CLASSES)]
+
   def _indices(self, split, process_index, process_count):
     """(split name, index array) pieces of this process's part of `split`."""
     pieces = core.select_split(split, SPLIT_SIZES)

@@ -86,6 +86,10 @@ class ImageFolderSource(core.DataSource):
   def num_classes(self) -> int:
     return len(self._classes)
 
+  @property
+  def class_names(self) -> list[str]:
+    return self.classes
+
   def files(self, split_name: str) -> tuple[tuple[str, int], ...]:
     """(path, label) of every image of a split folder, ordered by (class, name)."""
     if split_name not in self._files_cache:

@@ -19,16 +19,39 @@ from mixer.datasets import core
 _LABEL_KEYS = ('label', 'original_label', 'labels')
 
 
-def _prepare_hint(name: str, data_dir: str | None) -> str:
+# Datasets built from archives the user downloads by hand (image-net.org needs a login):
+# what goes into the manual dir.
+_MANUAL_FILES = {
+    'imagenet2012': 'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar',
+    'imagenet2012_real': 'ILSVRC2012_img_val.tar',
+    'imagenet21k': 'fall11_whole.tar (or winter21_whole.tar.gz)',
+}
+
+
+def prepare_command(name: str, data_dir: str | None) -> str:
+  """The command that prepares TFDS dataset `name` in `data_dir`.
+
+  Not `tfds build`: that CLI imports apache_beam, which the pinned stack does not
+  install. `mixer.datasets.prepare` runs the builder's download_and_prepare(), which
+  needs no Beam for these image datasets.
+  """
   where = data_dir or '~/tensorflow_datasets'
-  if name.startswith('imagenet2012'):
-    manual = (f' after placing ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in '
-              f'{where}/downloads/manual (or pass --manual_dir)')
-  else:
-    manual = ''
-  return (f'Prepare it once{manual}: `tfds build {name} --data_dir={where}` (or '
-          f'`python -m tensorflow_datasets.scripts.download_and_prepare '
-          f'--datasets={name} --data_dir={where}`), then set config.data_dir={where!r}.')
+  command = f'python -m mixer.datasets.prepare {name} --data_dir={where}'
+  if name in _MANUAL_FILES:
+    command += ' --manual_dir=DIR'
+  if name == 'imagenet21k':
+    command += ' --synsets_file=released'
+  return command
+
+
+def prepare_hint(name: str, data_dir: str | None) -> str:
+  """How to prepare dataset `name` once, as a sentence for error messages."""
+  where = data_dir or '~/tensorflow_datasets'
+  manual = ''
+  if name in _MANUAL_FILES:
+    manual = f' with {_MANUAL_FILES[name]} from https://image-net.org in DIR'
+  return (f'Prepare it once: `{prepare_command(name, data_dir)}`{manual}, then set '
+          f'config.data_dir={where!r}.')
 
 
 class TfdsSource(core.DataSource):
@@ -66,6 +89,13 @@ class TfdsSource(core.DataSource):
       feature = feature.feature
     return getattr(feature, 'num_classes', None)
 
+  @property
+  def class_names(self) -> list[str] | None:
+    feature = self._builder.info.features[self._label_key]
+    if isinstance(feature, tfds.features.Sequence):
+      feature = feature.feature
+    return list(getattr(feature, 'names', None) or []) or None
+
   def _process_split(self, split, process_index, process_count):
     core.shard_bounds(0, process_index, process_count)  # Validates the index.
     if process_count == 1:
@@ -89,7 +119,7 @@ class TfdsSource(core.DataSource):
     except AssertionError as e:  # TFDS's "could not find data in ..." error.
       raise FileNotFoundError(
           f'TFDS dataset {self.name!r} is not prepared in data_dir='
-          f'{self._builder.data_dir!r}. {_prepare_hint(self.name, self._data_dir)}'
+          f'{self._builder.data_dir!r}. {prepare_hint(self.name, self._data_dir)}'
       ) from e
     except (KeyError, ValueError) as e:
       splits = list(self._builder.info.splits) or 'unknown'

@@ -21,10 +21,24 @@ implementation of that protocol:
 5. Test features get the same standardisation; accuracy is the fraction of
    test images whose argmax of X_test W is the true class.
 
-`FewShotEvaluator.run` reports, for each configured dataset and shot count, the
-mean accuracy over the seeds as `fewshot/{name}_{k}shot` (big_vision reports
-each seed separately instead). Everything after feature extraction is numpy
-with fixed seeds, so every process computes the same numbers.
+`run` reports, for each configured dataset and shot count, the mean accuracy
+over the seeds as `<evaluator name>/{dataset name}_{k}shot` (big_vision reports
+each seed separately instead).
+
+Settings (`DEFAULTS`), as big_vision's `configs/common_fewshot.py`:
+  every_steps   run every N steps (0: only at the end) and at the last step.
+  datasets      name -> (dataset, train split, test split); each dataset's
+                class count is read from its own source.
+  shots         shot counts, (1, 5, 10, 25).
+  l2_reg        ridge strength, 2**10.
+  num_seeds     selections averaged per shot count, 3.
+  pp, crop_fraction  'resize_crop' with 0.875: big_vision's
+                `resize(256)|central_crop(224)` at 224 px, scaled to the run's
+                image size.
+  batch_size    global batch for feature extraction; None = config.eval_batch_size.
+
+Everything after feature extraction is numpy with fixed seeds, so every process
+computes the same numbers.
 
 Labels are taken as the argmax of the float `[n, C]` label rows, so multi-label
 datasets are not supported here (the paper's few-shot datasets are single-label).
@@ -35,9 +49,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
+
+from mixer import input_pipeline, preprocess_ops, sharding
 
 # Value of the appended constant feature; big_vision's BIAS_CONSTANT.
 BIAS_CONSTANT = 100.0
@@ -45,6 +63,17 @@ BIAS_CONSTANT = 100.0
 STD_EPSILON = 1e-5
 # Test rows scored per matmul, bounding the float64 temporary (ImageNet val is 50k).
 _TEST_CHUNK = 8192
+
+DEFAULTS = {
+    'every_steps': 0,
+    'datasets': {},
+    'shots': (1, 5, 10, 25),
+    'l2_reg': 2.0 ** 10,
+    'num_seeds': 3,
+    'pp': 'resize_crop',
+    'crop_fraction': 0.875,
+    'batch_size': None,
+}
 
 EmbedFn = Callable[[Any, Mapping[str, Any]], tuple[np.ndarray, np.ndarray, np.ndarray]]
 DataFn = Callable[[str, str], Iterable[Mapping[str, Any]]]
@@ -151,49 +180,58 @@ def fewshot_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
   return float(np.mean(predictions == test_ids))
 
 
+def check(where: str, settings: ml_collections.ConfigDict) -> None:
+  preprocess_ops.check_eval_pp(settings.pp, settings.crop_fraction, where=f'{where}.pp')
+  if not settings.datasets:
+    raise ValueError(f'{where}.datasets is empty: name at least one (dataset, train split, '
+                     "test split), e.g. {'pets': ('oxford_iiit_pet', 'train', 'test')}.")
+  for name, spec in dict(settings.datasets).items():
+    if not isinstance(spec, (tuple, list)) or len(spec) != 3:
+      raise ValueError(
+          f'{where}.datasets[{name!r}] = {spec!r}; it must be a (dataset, train_split, '
+          "test_split) tuple, e.g. ('cifar100', 'train', 'test').")
+  if not settings.shots or any(int(k) < 1 for k in settings.shots):
+    raise ValueError(f'{where}.shots={tuple(settings.shots)} must be positive counts.')
+  if int(settings.num_seeds) < 1:
+    raise ValueError(f'{where}.num_seeds={settings.num_seeds} must be >= 1.')
+
+
 class FewShotEvaluator:
-  """Runs the few-shot evaluation of `config.fewshot` on given parameters.
+  """The few-shot protocol on features from `embed_fn` and data from `data_fn`.
 
   Attributes:
+    name: the evaluator's name, the prefix of its metrics.
+    every_steps: its cadence (0: only at the end).
     datasets: name -> (dataset, train_split, test_split).
     shots: shot counts, e.g. (1, 5, 10, 25).
     l2_reg: ridge strength.
     num_seeds: selections averaged per shot count.
   """
 
-  def __init__(self, fewshot_config: ml_collections.ConfigDict, embed_fn: EmbedFn,
+  def __init__(self, name: str, settings: ml_collections.ConfigDict, embed_fn: EmbedFn,
                data_fn: DataFn):
     """Stores the configuration; loads nothing until `run`.
 
     Args:
-      fewshot_config: `config.fewshot`, with `datasets`, `shots`, `l2_reg` and
-        `num_seeds` (`every_steps` is the trainer's business).
+      name: metric prefix.
+      settings: the evaluator's settings (see DEFAULTS).
       embed_fn: `(params, batch) -> (features [n, D], labels [n, C], mask [n])`
         as host numpy arrays covering the global batch (gathered from all
         processes); rows with mask False are padding and are dropped.
-      data_fn: `(dataset, split) -> iterable of batch dicts`, finite, e.g.
-        `mixer.input_pipeline.create_eval_iterator`.
+      data_fn: `(dataset, split) -> iterable of batch dicts`, finite.
     """
-    self.datasets = {}
-    for name, spec in dict(fewshot_config.datasets).items():
-      if not isinstance(spec, (tuple, list)) or len(spec) != 3:
-        raise ValueError(
-            f'config.fewshot.datasets[{name!r}] = {spec!r}; it must be a '
-            '(dataset, train_split, test_split) tuple, e.g. '
-            "('cifar100', 'train', 'test').")
-      self.datasets[name] = tuple(spec)
-    self.shots = tuple(int(k) for k in fewshot_config.shots)
-    if any(k < 1 for k in self.shots):
-      raise ValueError(f'config.fewshot.shots must be positive, got {self.shots}.')
-    self.l2_reg = float(fewshot_config.l2_reg)
-    self.num_seeds = int(fewshot_config.num_seeds)
-    if self.num_seeds < 1:
-      raise ValueError(f'config.fewshot.num_seeds must be >= 1, got {self.num_seeds}.')
+    check(f'config.evals.{name}', settings)
+    self.name = name
+    self.every_steps = int(settings.every_steps)
+    self.datasets = {key: tuple(spec) for key, spec in dict(settings.datasets).items()}
+    self.shots = tuple(int(k) for k in settings.shots)
+    self.l2_reg = float(settings.l2_reg)
+    self.num_seeds = int(settings.num_seeds)
     self._embed_fn = embed_fn
     self._data_fn = data_fn
 
   def run(self, params: Any) -> dict[str, float]:
-    """Returns `{'fewshot/{name}_{k}shot': mean accuracy over seeds}`.
+    """Returns `{'<name>/<dataset name>_<k>shot': mean accuracy over seeds}`.
 
     Shot counts that no class of a dataset's train split reaches are skipped
     with a warning (they would repeat the all-examples result under a wrong
@@ -229,9 +267,9 @@ class FewShotEvaluator:
                           'theirs are used.', name, shots, short)
         accuracies = [self._accuracy(train_x, train_ids, test_x, test_ids, num_classes,
                                      shots, seed) for seed in range(self.num_seeds)]
-        results[f'fewshot/{name}_{shots}shot'] = float(np.mean(accuracies))
-        logging.info('Few-shot %s %d-shot: %.4f (seeds: %s)', name, shots,
-                     results[f'fewshot/{name}_{shots}shot'],
+        key = f'{self.name}/{name}_{shots}shot'
+        results[key] = float(np.mean(accuracies))
+        logging.info('Few-shot %s %d-shot: %.4f (seeds: %s)', name, shots, results[key],
                      ', '.join(f'{a:.4f}' for a in accuracies))
     return results
 
@@ -255,3 +293,35 @@ class FewShotEvaluator:
     x = np.concatenate(xs).astype(np.float32, copy=False)
     ids, num_classes = class_ids_from_labels(np.concatenate(ys))
     return x, ids, num_classes
+
+
+def _gather_to_host(tree):
+  """Full numpy values of (possibly multi-host sharded) arrays, on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+class Evaluator(FewShotEvaluator):
+  """The trainer's few-shot evaluator: pre-logits of `setup.model`, data of `config`."""
+
+  def __init__(self, name: str, settings: ml_collections.ConfigDict, config, setup):
+    model, mesh = setup.model, setup.mesh
+    prelogits = jax.jit(lambda params, images: model.apply(
+        {'params': params}, images, train=False, return_prelogits=True))
+
+    def embed_fn(params, local_batch):
+      batch = sharding.put_local_batch(local_batch, mesh)
+      outputs = (prelogits(params, batch['image']), batch['labels'], batch['mask'])
+      return tuple(np.asarray(x) for x in _gather_to_host(outputs))
+
+    def data_fn(dataset, split):
+      return input_pipeline.create_eval_iterator(
+          config, dataset=dataset, split=split, pp=settings.pp,
+          crop_fraction=settings.crop_fraction, batch_size=settings.batch_size)
+
+    super().__init__(name, settings, embed_fn, data_fn)
+    # Open every split now, so a missing dataset fails at start-up, not at step 25,000.
+    for dataset, train_split, test_split in self.datasets.values():
+      for split in (train_split, test_split):
+        data_fn(dataset, split)
