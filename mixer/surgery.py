@@ -98,9 +98,8 @@ class Architecture:
 
   def model_kwargs(self) -> dict[str, int]:
     """Keyword arguments that build an `MlpMixer` matching this tree."""
-    return {'num_classes': self.num_classes, 'patch_size': self.patch_size,
-            'hidden_dim': self.hidden_dim, 'num_blocks': self.num_blocks,
-            'tokens_mlp_dim': self.tokens_mlp_dim, 'channels_mlp_dim': self.channels_mlp_dim}
+    return {'num_classes': self.num_classes,
+            **{field: getattr(self, field) for field in models.ARCHITECTURE_FIELDS}}
 
   def describe(self) -> str:
     size = f'{self.image_size} px' if self.image_size else 'non-square grid'

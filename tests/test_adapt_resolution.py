@@ -13,6 +13,7 @@ import pytest
 
 from mixer import models, surgery, weights
 from mixer.surgery import WeightsError
+from tests.conftest import random_params, relative_error
 
 _PATCH = 4
 _FROM_SIZE = 16  # A 4×4 grid of patches: S = 16 tokens.
@@ -26,18 +27,7 @@ def _model(factor=1, num_classes=5):
 
 def _random_params(model, image_size, seed=0):
   """Random non-zero params, head and token-mixing biases included."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      return (rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(
-          np.float32)
-    if name == 'scale':
-      return (1 + 0.2 * rng.standard_normal(leaf.shape)).astype(np.float32)
-    return (0.3 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, surgery.model_param_shapes(model, image_size))
+  return random_params(surgery.model_param_shapes(model, image_size), seed, bias_scale=0.3)
 
 
 @functools.partial(jax.jit, static_argnums=0)  # Eager flax compiles op by op: slower.
@@ -57,10 +47,6 @@ def _mean_over_crops(model, params, images, factor):
   return logits.reshape(factor**2, len(images), -1).mean(axis=0)
 
 
-def _relative_error(actual, expected):
-  return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
-
-
 @pytest.mark.parametrize('factor', [2, 3])
 def test_adapted_logits_are_the_mean_over_crops(factor):
   original = _random_params(_model(), _FROM_SIZE)
@@ -70,7 +56,7 @@ def test_adapted_logits_are_the_mean_over_crops(factor):
   expected = _mean_over_crops(_model(), original, images, factor)
   actual = _logits(_model(factor), adapted, images)
   assert np.std(expected) > 0.05  # Logits that differ between classes and images.
-  assert _relative_error(actual, expected) < 1e-5
+  assert relative_error(actual, expected) < 1e-5
 
 
 @pytest.mark.parametrize('factor', [2, 3])
@@ -145,7 +131,7 @@ def test_load_for_model_infers_the_trained_size_and_adapts(tmp_path):
   params = weights.load_for_model(path, _model(2), 2 * _FROM_SIZE, head='keep')
   images = np.random.default_rng(2).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   expected = _mean_over_crops(_model(), original, images, 2)
-  assert _relative_error(_logits(_model(2), params, images), expected) < 1e-5
+  assert relative_error(_logits(_model(2), params, images), expected) < 1e-5
 
 
 def test_load_for_model_with_unadapted_width_says_which_width(tmp_path):

@@ -16,6 +16,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from mixer import models
+from tests.conftest import random_params, relative_error
 
 # Paper Table 1 (exact counts in paper-and-weights.md §2.1): head-less, at 224 px.
 _TABLE_1_HEADLESS = {
@@ -130,24 +131,6 @@ def _numpy_mixer(params, images):
   return pooled @ p['head']['kernel'] + p['head']['bias']
 
 
-def _random_params(shapes, seed):
-  """Non-zero float32 params (head included) that keep activations O(1)."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      value = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
-    elif name == 'scale':
-      value = 1.0 + 0.2 * rng.standard_normal(leaf.shape)
-    else:
-      value = 0.2 * rng.standard_normal(leaf.shape)
-    return value.astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 @functools.lru_cache
 def _decoded_sample_photos():
   return tuple(load_sample_images().images)
@@ -160,10 +143,6 @@ def _sample_photos(size):
   return (np.stack([np.asarray(p, np.float32) for p in photos]) - 127.5) / 127.5
 
 
-def _relative_error(actual, expected):
-  return np.linalg.norm(np.asarray(actual, np.float64) - expected) / np.linalg.norm(expected)
-
-
 @pytest.mark.parametrize('model_kwargs, image_size', [
     ({'num_classes': 7, 'patch_size': 8, 'hidden_dim': 32, 'num_blocks': 3,
       'tokens_mlp_dim': 24, 'channels_mlp_dim': 64}, 64),
@@ -173,19 +152,19 @@ def test_forward_matches_independent_numpy_implementation(model_kwargs, image_si
   kwargs = dict(model_kwargs)
   name = kwargs.pop('name', None)
   model = models.get_model(name, **kwargs) if name else models.MlpMixer(**kwargs)
-  params = _random_params(_param_shapes(model, image_size), seed=0)
+  params = random_params(_param_shapes(model, image_size), seed=0)
   photos = _sample_photos(image_size)
   logits = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(params, photos)
   expected = _numpy_mixer(params, photos)
   assert logits.shape == (2, kwargs['num_classes'])
   assert np.std(expected) > 0.1  # Not a degenerate comparison of near-zero logits.
-  assert _relative_error(logits, expected) < 1e-5
+  assert relative_error(logits, expected) < 1e-5
 
 
 def test_prelogits_are_pooled_features():
   model = models.MlpMixer(num_classes=3, patch_size=4, hidden_dim=8, num_blocks=1,
                           tokens_mlp_dim=4, channels_mlp_dim=16)
-  params = _random_params(_param_shapes(model, 16), seed=1)
+  params = random_params(_param_shapes(model, 16), seed=1)
   images = _sample_photos(16)
   apply = jax.jit(lambda p, x: (model.apply({'params': p}, x, train=False, return_prelogits=True),
                                 model.apply({'params': p}, x, train=False)))
