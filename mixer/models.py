@@ -13,7 +13,7 @@ The parameter tree is exactly the one of Google's released `.npz` checkpoints
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`), so
 the trainer shards it by the rules of `mixer.sharding`; `unbox` gives the
-plain arrays that `mixer.checkpoint` reads and writes.
+plain arrays that `mixer.weights` reads and writes.
 
 With `scan_blocks=True` the blocks run under `nn.scan` (one compiled block body
 instead of `num_blocks` copies: compile time no longer grows with depth), and

@@ -289,7 +289,7 @@ class FewShotEvaluator:
       ys.append(np.asarray(y)[mask])
     if not xs or not sum(len(x) for x in xs):
       raise ValueError(f'Few-shot: no examples in {dataset!r} split {split!r}; check '
-                       'config.fewshot.datasets and the data directory.')
+                       f'config.evals.{self.name}.datasets and the data directory.')
     x = np.concatenate(xs).astype(np.float32, copy=False)
     ids, num_classes = class_ids_from_labels(np.concatenate(ys))
     return x, ids, num_classes
