@@ -39,7 +39,7 @@ def build_model(config, num_classes: int | None = None) -> models.MlpMixer:
 def describe_model(model: models.MlpMixer, config) -> dict[str, Any]:
   """What must match for a checkpoint to be this run's (stored in each checkpoint)."""
   return {'name': config.model.name, 'image_size': int(config.image_size),
-          'num_classes': model.num_classes,
+          'num_classes': model.num_classes, 'scan_blocks': bool(model.scan_blocks),
           **{f: getattr(model, f) for f in models.ARCHITECTURE_FIELDS}}
 
 

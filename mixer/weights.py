@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixer import models, paths, surgery
+from mixer import models, param_layout, paths, surgery
 from mixer.surgery import WeightsError
 
 _RELEASED_URL = 'https://storage.googleapis.com/mixer_models/'
@@ -147,7 +147,9 @@ def save_npz(params: Any, path: str | os.PathLike[str]) -> None:
     WeightsError: a leaf is not a numeric array (nothing is written).
   """
   path = os.fspath(path)
-  flat = {key: _as_saveable(key, value) for key, value in surgery.flatten(params).items()}
+  # Files are always in the released per-block layout, whatever the model's scan_blocks.
+  released = param_layout.to_released(surgery.plain_tree(params))
+  flat = {key: _as_saveable(key, value) for key, value in surgery.flatten(released).items()}
   # Given a file object, np.savez writes exactly there (no '.npz' suffix added).
   paths.atomic_write(path, lambda f: np.savez(f, **flat))
 
@@ -212,6 +214,10 @@ def load_for_model(path: str | os.PathLike[str] | Mapping[str, Any],
     raise ValueError(f"head={head!r}: use 'replace' (new zero head) or 'keep' (the file's).")
   source = os.fspath(path) if not isinstance(path, Mapping) else 'the given tree'
   params = load_npz(path) if not isinstance(path, Mapping) else surgery.plain_tree(path)
+  # Surgery happens in the released layout; a scanned model gets its blocks stacked at the end.
+  scanned = bool(getattr(model, 'scan_blocks', False))
+  if scanned:
+    model = model.clone(scan_blocks=False)
   expected = surgery.model_param_shapes(model, image_size)
   found = surgery.infer_architecture(params)
   if found.grid_size is None:
@@ -239,5 +245,6 @@ def load_for_model(path: str | os.PathLike[str] | Mapping[str, Any],
   except WeightsError as e:
     raise WeightsError(f'{source} at {image_size} px: {e}') from None
   flat_expected = surgery.flatten(expected)
-  return surgery.unflatten({key: np.asarray(value, dtype=flat_expected[key].dtype)
-                     for key, value in surgery.flatten(params).items()})
+  params = surgery.unflatten({key: np.asarray(value, dtype=flat_expected[key].dtype)
+                              for key, value in surgery.flatten(params).items()})
+  return param_layout.to_scanned(params, model.num_blocks) if scanned else params
