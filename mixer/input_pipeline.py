@@ -28,10 +28,18 @@ function of the stream position, it yields exactly the batches an
 uninterrupted run yields from step N on. What is NOT guaranteed: identical
 streams across TF versions (shuffle and stateless RNG algorithms may change),
 across a different process count or batch size (the stream is per process),
-when TF's global seed is set (`tf.random.set_seed` enters tf.data's shuffle
-seed; this module never sets it), or when records fail to decode (they are
-dropped with a logged warning, which shifts the later examples of a run by one
-relative to a resumed run that skips encoded records).
+or when TF's global seed is set (`tf.random.set_seed` enters tf.data's shuffle
+seed; this module never sets it).
+
+Bad records. A record that fails to decode or preprocess is never dropped: it
+is replaced, at its position, by a substitute (a blank image, value 0, with an
+all-zero label, which adds nothing to a softmax loss), so every later example
+keeps its position and a resumed run stays bit-identical. Each one is logged
+with its source id (file name, TFDS id, record file). If all of the first
+`_FIRST_RECORDS` records of a process fail, or more than
+`config.input.max_bad_fraction` of at least `_MIN_RECORDS_FOR_FRACTION`, the
+iterator raises `BadDataError` naming some of them. Evaluation leaves such
+records out (masked, like padding), with the same warning.
 
 Evaluation (`create_eval_iterator`) reads each process's part of the split in
 order, preprocesses it with the evaluator's `pp` (`preprocess_ops.eval_transform`,
@@ -68,6 +76,17 @@ from mixer import preprocess_ops as ops
 _SHUFFLE_SALT = 1
 _MIXUP_SALT = 2
 
+# Bounded failure on bad data (per process): stop if all of the first
+# _FIRST_RECORDS records fail, or once more than config.input.max_bad_fraction
+# of at least _MIN_RECORDS_FOR_FRACTION records failed.
+_FIRST_RECORDS = 100
+_MIN_RECORDS_FOR_FRACTION = 1000
+_MAX_BAD_WARNINGS = 20  # Then one summary line every 1000 bad records.
+
+
+class BadDataError(ValueError):
+  """Too many training records cannot be decoded or preprocessed."""
+
 
 def _process(process_index, process_count) -> tuple[int, int]:
   process_index = jax.process_index() if process_index is None else process_index
@@ -95,6 +114,11 @@ def _get_source(config, dataset: str) -> datasets.DataSource:
         f'Dataset {dataset!r} has {source.num_classes} classes but config.num_classes='
         f'{config.num_classes}. Set config.num_classes={source.num_classes}.')
   return source
+
+
+def num_train_examples(config) -> int:
+  """Examples in the training split (all processes): what an epoch is."""
+  return _get_source(config, config.dataset).num_examples(config.train_split)
 
 
 def get_eval_source(config, dataset: str | None) -> tuple[datasets.DataSource, int]:
@@ -142,6 +166,78 @@ def _decode_checked(image_bytes: tf.Tensor, source_id: tf.Tensor) -> tf.Tensor:
   check = tf.debugging.Assert(known, ['Not an image (JPEG/PNG/GIF/BMP):', source_id])
   with tf.control_dependencies([check]):
     return tf.identity(image_bytes)
+
+
+def _map_or_substitute(ds: tf.data.Dataset, fn, substitute, source_id) -> tf.data.Dataset:
+  """`ds.map(fn)`, where an element on which `fn` fails becomes `substitute(element)`.
+
+  Each element comes out as (result, bad_source_id): '' when `fn` succeeded,
+  else `source_id(element)`. Nothing is dropped and the order is kept, so every
+  element keeps its position in the stream (what makes resume bit-exact). Each
+  element runs in a one-element dataset whose error `ignore_errors` turns into
+  "no element", followed by the substitute; `take(1)` keeps the first.
+  """
+  def one(*element):
+    good = tf.data.Dataset.from_tensors(element).map(
+        lambda *e: (fn(*e), tf.constant(''))).ignore_errors()
+    bad = tf.data.Dataset.from_tensors(element).map(
+        lambda *e: (substitute(*e), source_id(*e)))
+    return good.concatenate(bad).take(1)
+  return ds.interleave(one, cycle_length=tf.data.AUTOTUNE, block_length=1,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+class _CheckedBatches:
+  """The training batches, with bad records reported and their share bounded.
+
+  Reads (and removes) the batches' 'bad_source_id' field: one entry per
+  example, '' for a good one.
+  """
+
+  def __init__(self, batches: Iterator[dict[str, np.ndarray]], max_bad_fraction: float,
+               what: str):
+    self._batches = batches
+    self._max_bad_fraction = max_bad_fraction
+    self._what = what
+    self._seen = 0
+    self._bad: list[str] = []
+    self._bad_count = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._batches)
+    ids = [i.decode('utf-8', 'replace') for i in batch.pop('bad_source_id').tolist() if i]
+    for source_id in ids:
+      self._bad_count += 1
+      if len(self._bad) < 5:
+        self._bad.append(source_id)
+      if self._bad_count <= _MAX_BAD_WARNINGS:
+        logging.warning('Training record %s cannot be decoded or preprocessed: replaced by '
+                        'a blank, unlabelled example.', source_id)
+      elif self._bad_count % 1000 == 0:
+        logging.warning('%d training records of %s could not be decoded so far.',
+                        self._bad_count, self._what)
+    self._seen += len(batch['labels'])
+    self._check()
+    return batch
+
+  def _check(self):
+    fraction = self._bad_count / max(self._seen, 1)
+    if self._seen >= _FIRST_RECORDS and self._bad_count == self._seen:
+      reason = f'none of the first {self._seen} records could be decoded or preprocessed'
+    elif self._seen >= _MIN_RECORDS_FOR_FRACTION and fraction > self._max_bad_fraction:
+      reason = (f'{self._bad_count} of {self._seen} records ({fraction:.1%}) could not be '
+                f'decoded or preprocessed, over config.input.max_bad_fraction='
+                f'{self._max_bad_fraction}')
+    else:
+      return
+    raise BadDataError(
+        f'Training data {self._what}: {reason}, e.g. {", ".join(self._bad)}. Check that these '
+        'are intact JPEG/PNG/GIF/BMP images with labels below config.num_classes (re-download '
+        'or re-prepare the data, or remove the files), or raise config.input.max_bad_fraction '
+        'to train with them replaced.')
 
 
 def _train_preprocess(config, num_classes: int):
@@ -219,11 +315,13 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, start_step: int 
   ds = ds.skip(offset)  # Encoded records only: nothing is decoded before this.
 
   preprocess = _train_preprocess(config, num_classes)
-  ds = ds.map(lambda example, position: preprocess(
-      example, position * process_count + process_index),
-              num_parallel_calls=tf.data.AUTOTUNE)
-  # Undecodable records are dropped with a logged warning, label and all.
-  ds = ds.ignore_errors(log_warning=True)
+  substitute = {'image': tf.zeros([config.image_size, config.image_size, 3], tf.float32),
+                'labels': tf.zeros([num_classes], tf.float32)}
+  ds = _map_or_substitute(
+      ds, lambda example, position: preprocess(example, position * process_count + process_index),
+      lambda example, position: substitute,
+      lambda example, position: example['source_id'])
+  ds = ds.map(lambda example, bad_id: {**example, 'bad_source_id': bad_id})
   ds = ds.batch(local_batch, drop_remainder=True)
 
   mixup_p = config.input.mixup_p
@@ -233,11 +331,12 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, start_step: int 
       seed = tf.random.experimental.stateless_fold_in(seed, process_index, alg='philox')
       seed = tf.random.experimental.stateless_fold_in(seed, step, alg='philox')
       images, labels = ops.mixup(batch['image'], batch['labels'], seed, mixup_p)
-      return {'image': images, 'labels': labels}
+      return {**batch, 'image': images, 'labels': labels}
     ds = ds.enumerate(start=start_step).map(mix, num_parallel_calls=tf.data.AUTOTUNE)
 
   ds = ds.prefetch(config.input.prefetch).with_options(_dataset_options(config))
-  return ds.as_numpy_iterator()
+  return _CheckedBatches(ds.as_numpy_iterator(), config.input.max_bad_fraction,
+                         f'{config.dataset!r} split {split!r} (process {process_index})')
 
 
 def _global_tf_seed_is_set() -> bool:
@@ -318,12 +417,28 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *, split: str,
             # An image without a label (ReaL has ~1k of them) is left out like padding.
             'mask': tf.reduce_any(labels > 0)}
 
-  ds = source.read(split, process_index=process_index, process_count=process_count)
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.ignore_errors(log_warning=True)
   padding = {'image': tf.zeros([size, size, 3], tf.float32),
              'labels': tf.zeros([num_classes], tf.float32),
              'mask': tf.constant(False)}
+
+  def warn(bad_id):
+    logging.warning('Evaluation record %s cannot be decoded or preprocessed: left out.',
+                    bad_id.decode('utf-8', 'replace'))
+    return bad_id
+
+  def report(example, bad_id):
+    # Eager-only logging of the bad record's id, through a host callback.
+    bad_id = tf.cond(tf.strings.length(bad_id) > 0,
+                     lambda: tf.numpy_function(warn, [bad_id], tf.string, stateful=True),
+                     lambda: bad_id)
+    with tf.control_dependencies([bad_id]):
+      return {k: tf.identity(v) for k, v in example.items()}
+
+  ds = source.read(split, process_index=process_index, process_count=process_count)
+  # A bad record is left out like padding (mask False), with a warning naming it.
+  ds = _map_or_substitute(ds, preprocess, lambda example: padding,
+                          lambda example: example['source_id'])
+  ds = ds.map(report)
   # Endless padding after the real examples, then exactly num_steps batches:
   # the last real batch is filled up with masked-out examples, and processes
   # with fewer examples run the same number of steps.

@@ -25,17 +25,48 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import metric_writers, parameter_overview
 from jax.experimental import multihost_utils
 
 from mixer import checkpoint, config_lib, evaluators, input_pipeline, models
-from mixer import reporting, sharding, trainer_setup, weights
+from mixer import paths, reporting, sharding, trainer_setup, weights
+from mixer import workdir as workdir_lib
+
+# What `train_and_evaluate` returns, as `result[PREEMPTED] = True`, when it
+# stopped for a preemption after saving: the command line exits 75 then.
+PREEMPTED = 'preempted'
+# Files the export writes; a fresh run refuses a workdir that already has one.
+FINAL_FILES = ('final.npz', 'final.json')
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite."""
+  """The training loss or the parameters became NaN or infinite; nothing non-finite is saved."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """One on-device reduction: whether every float in `tree` is finite."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _nonfinite_error(what: str, step: int, checkpointer, config) -> NonFiniteLossError:
+  """The error for a diverged run: the last complete finite checkpoint and the likely causes."""
+  last = checkpointer.last_complete_step()
+  kept = (f'The last complete checkpoint (step {last}, finite: non-finite states are never '
+          f'saved) is kept in {checkpointer.directory}; rerunning resumes from it.'
+          if last is not None else f'There is no checkpoint in {checkpointer.directory}.')
+  init = (f'the init weights ({config.init_from} were finite when loaded, so rather the '
+          'update), ' if config.init_from else '')
+  return NonFiniteLossError(
+      f'{what} at step {step}: nothing was saved or exported. {kept} Likely causes: '
+      f'{init}a learning rate too high (config.lr={config.lr}: lower it or raise '
+      'config.warmup_steps), bfloat16 overflow (config.model_dtype=float32), or bad input '
+      'data (non-finite or wildly scaled images or labels).')
 
 
 @contextlib.contextmanager
@@ -74,24 +105,36 @@ def _restore_or_create_state(setup, checkpointer, latest, config, workdir):
   Returns (state, core_hours so far, where it came from).
   """
   model_meta = trainer_setup.describe_model(setup.model, config)
-  if latest is not None:
-    saved_model = checkpointer.read_meta(latest).get('model')
+
+  def check_model(step, meta):
+    saved_model = meta.get('model')
     if saved_model != model_meta:
       differences = {k: (saved_model.get(k) if saved_model else None, v)
                      for k, v in model_meta.items()
                      if not saved_model or saved_model.get(k) != v}
       raise ValueError(
-          f'{workdir} holds a checkpoint (step {latest}) of another model: '
+          f'{workdir} holds a checkpoint (step {step}) of another model: '
           f'(checkpoint, config) differ in {differences}. Use a new --workdir for this config, '
           'or restore the config of that run. Nothing in the workdir was changed.')
+
+  if latest is not None:
     with setup.context():
-      state, meta = checkpointer.restore(latest, setup.abstract_state)
-    return state, float(meta.get('core_hours', 0.0)), f'step {latest} of {checkpointer.directory}'
+      # The newest checkpoint that restores and matches its fingerprints; newer
+      # damaged ones are moved aside with a warning (mixer.checkpoint).
+      state, meta, step = checkpointer.restore_latest(setup.abstract_state, check_model)
+    return state, float(meta.get('core_hours', 0.0)), f'step {step} of {checkpointer.directory}'
   if config.init_from:
     params = weights.load_for_model(
         config.init_from, setup.model, config.image_size,
         from_image_size=config.init_from_image_size, head=config.init_head,
         head_bias=config.init_head_bias)
+    if not bool(_all_finite(params)):
+      flat = jax.tree_util.tree_flatten_with_path(params)[0]
+      bad = [jax.tree_util.keystr(k) for k, v in flat if not np.all(np.isfinite(v))]
+      raise NonFiniteLossError(
+          f'config.init_from={config.init_from} holds NaN or infinite values in {len(bad)} '
+          f'array(s), e.g. {bad[0]}: the file is damaged or was exported from a diverged run. '
+          'Use other initial weights.')
     return setup.state_from_params(params), 0.0, config.init_from
   if not config.total_steps:
     raise ValueError('config.total_steps=0 (evaluate-only) needs parameters to evaluate: set '
@@ -125,29 +168,53 @@ def _export_info(config, model, step: int) -> dict[str, Any]:
       'loss': config.loss,
       'dataset': config.dataset,
       'step': int(step),
-      'config': config.to_dict(),
+      'config': reporting.config_as_dict(config),
   }
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains and evaluates; resumes from `<workdir>/checkpoints` when present.
 
-  Returns the last evaluation's metrics (with the final step under 'step').
+  Process 0 holds the workdir's lock (`mixer.workdir`) for the whole run: a
+  second run on the same workdir is refused at once.
+
+  Returns the last evaluation's metrics (with the final step under 'step', and
+  `PREEMPTED: True` when it stopped for a preemption after saving).
   """
   #################### Config and workdir ####################
   config_lib.validate(config)
   workdir = reporting.prepare_workdir(workdir)
-  logging.info('Config:\n%s', config)
+  with workdir_lib.lock(workdir, primary=jax.process_index() == 0):
+    if config.total_steps and not checkpoint.saved_steps(workdir):
+      # A fresh run: an export already here is not of this run's lineage.
+      existing = [os.path.join(workdir, f) for f in FINAL_FILES
+                  if paths.exists(os.path.join(workdir, f))]
+      if existing:
+        raise FileExistsError(
+            f'{existing[0]} already exists and {workdir}/checkpoints holds no checkpoint of '
+            'the run that wrote it: a fresh run would overwrite it. Move it away, or pass a '
+            'new --workdir. Nothing was changed.')
+    if jax.process_index() == 0:
+      # Temp files of an export or plot killed mid-write; nothing of ours is in flight.
+      for path in paths.remove_stale_temp_files(
+          workdir, FINAL_FILES + (reporting.CURVES_FILE, reporting.CONFIG_FILE,
+                                  reporting.PARAMETERS_FILE, reporting.METRICS_FILE)):
+        logging.warning('Removed %s, left by a run killed while writing it.', path)
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """`train_and_evaluate` once the config is valid and the workdir locked."""
+  if jax.process_index() == 0:
+    reporting.write_config(workdir, config)  # The full config: in the workdir, not the log.
 
   #################### Mesh, model, optimizer, abstract state ####################
   # Shapes come from jax.eval_shape and shardings from the logical-axis rules:
   # no unsharded copy of the state is ever built on any device.
   setup = trainer_setup.build(config)
   mesh = setup.mesh
-  logging.info('Mesh %s over %d devices (%s) in %d process(es).', dict(mesh.shape),
-               jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
-  logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
-      setup.abstract_params, include_stats=False))
+  if jax.process_index() == 0:
+    reporting.write_parameter_table(workdir, setup.abstract_params)
 
   #################### Data and evaluators, opened before any state ####################
   checkpointer = checkpoint.TrainCheckpointer(workdir, config.checkpoint_every,
@@ -158,8 +225,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start_step < config.total_steps:
     train_iter = input_pipeline.create_train_iterator(config, start_step=start_step)
   evals = evaluators.create(config, setup)
-  logging.info('Evaluators: %s.', ', '.join(
-      f'{e.name} (every {e.every_steps or "end"})' for e in evals))
 
   def evaluate(params, step, due_only=True):
     results = {}
@@ -179,6 +244,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         setup, checkpointer, latest, config, workdir)
     step = int(jax.device_get(state['step']))
     logging.info('Parameters from %s (step %d).', origin, step)
+    if latest is not None:
+      # One row per step: rows a killed run wrote past its last checkpoint go.
+      reporting.drop_metrics_after(workdir, step)
+    if train_iter is not None and step != start_step:  # Fell back to an older checkpoint.
+      train_iter = input_pipeline.create_train_iterator(config, start_step=step)
 
     #################### Evaluate-only mode ####################
     if not config.total_steps:
@@ -192,35 +262,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     compile_start = time.perf_counter()
     compiled_step = trainer_setup.compile_train_step(setup)
     logging.info('Compiled the train step in %.1f s.', time.perf_counter() - compile_start)
-    trainer_setup.log_memory(compiled_step)
+    train_size = input_pipeline.num_train_examples(config)
+    logging.info('%s', reporting.startup_summary(
+        workdir=workdir, model_name=config.model.name,
+        model_sizes={f: getattr(setup.model, f) for f in models.ARCHITECTURE_FIELDS},
+        image_size=config.image_size, num_classes=config.num_classes,
+        num_params=parameter_overview.count_parameters(setup.abstract_params),
+        mesh_shape=dict(mesh.shape), device_kind=jax.devices()[0].device_kind,
+        num_devices=jax.device_count(), num_processes=jax.process_count(),
+        dataset=config.dataset, train_size=train_size, batch_size=config.batch_size,
+        evaluators=config.evals.to_dict(), total_steps=config.total_steps, start_step=step,
+        warmup_steps=config.warmup_steps, model_dtype=config.model_dtype,
+        memory=trainer_setup.memory_per_device(compiled_step),
+        init_from=origin if origin == config.init_from else None))
 
     #################### Train loop ####################
-    throughput = reporting.Throughput(jax.device_count(), core_hours)
-    # Logs steps/s and the ETA (not written to metrics.jsonl: perf/* covers throughput).
-    progress = periodic_actions.ReportProgress(
-        num_train_steps=config.total_steps, every_steps=config.log_every, every_secs=None)
+    progress = reporting.ProgressLogger(config.total_steps, step, config.batch_size,
+                                        jax.device_count(), config.log_every,
+                                        core_hours=core_hours)
     profile_steps = tuple(config.profile_steps or ())
     results: dict[str, float] = {}
     if step == 0:
-      writer.write_hparams({k: v for k, v in config.to_dict().items()
-                            if isinstance(v, (int, float, str, bool))})
+      writer.write_hparams(reporting.flatten_hparams(config))
 
     def meta():
       return {'model': trainer_setup.describe_model(setup.model, config),
-              'core_hours': throughput.core_hours}
+              'core_hours': progress.core_hours}
 
     def fetch_finite_metrics(metrics, step):
       values = jax.device_get(metrics)
       if not math.isfinite(float(values['train/loss'])):
-        raise NonFiniteLossError(
-            f'Training loss is {values["train/loss"]} at step {step}: aborting. The last good '
-            f'checkpoint (step {checkpointer.latest_step()}) in {checkpointer.directory} is '
-            'kept. Lower config.lr, raise config.warmup_steps, or use float32 '
-            '(config.model_dtype).')
+        raise _nonfinite_error(f'The training loss is {values["train/loss"]}', step,
+                               checkpointer, config)
       return values
 
-    logging.info('Training from step %d to %d.', step, config.total_steps)
-    throughput.start()
+    def check_finite_state(state, metrics, step):
+      """Before every checkpoint and the export: loss and parameters, one reduction."""
+      if not bool(_all_finite((state['params'], metrics['train/loss']))):
+        raise _nonfinite_error('The parameters or the loss are NaN or infinite', step,
+                               checkpointer, config)
+
     while step < config.total_steps:
       if profile_steps and step == profile_steps[0] and jax.process_index() == 0:
         jax.profiler.start_trace(os.path.join(workdir, 'profile'))
@@ -229,52 +310,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           {'image': local_batch['image'], 'labels': local_batch['labels']}, mesh)
       state, metrics = compiled_step(state, batch, setup.dropout_rng)
       step += 1
-      throughput.add_images(config.batch_size)
-      progress(step)
       if profile_steps and step == profile_steps[1] and jax.process_index() == 0:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
 
       is_last = step == config.total_steps
-      if step % config.log_every == 0 or is_last:
-        values = fetch_finite_metrics(metrics, step)
-        rate = throughput.pause()
-        values['perf/core_hours'] = throughput.core_hours
-        if rate is not None:
-          values['perf/img_per_sec_per_core'] = rate
-        writer.write_scalars(step, values)
-        throughput.start()
+      if progress.should_fetch(step):  # The first step, log steps and the last.
+        values = fetch_finite_metrics(metrics, step)  # Waits for the step to finish.
+        perf = progress.finished(step, values)
+        if perf:
+          writer.write_scalars(step, {**values, **perf})
       if any(evaluators.is_due(e, step, config.total_steps) for e in evals):
-        throughput.pause()
+        progress.pause(step, state)
         results = evaluate(state['params'], step)
         writer.write_scalars(step, results)
-        logging.info('Step %d: %s', step, results)
-        throughput.start()
-      if step % config.checkpoint_every == 0 or is_last:
-        fetch_finite_metrics(metrics, step)  # Never checkpoint a diverged state.
+        logging.info('%s', reporting.format_scalars(step, results))
+        if jax.process_index() == 0:
+          reporting.plot_curves(workdir, setup.schedule)  # A current picture at every eval.
+        progress.resume()
       preempted = checkpointer.reached_preemption(step)
       if step % config.checkpoint_every == 0 or is_last or preempted:
-        throughput.pause()
+        progress.pause(step)
+        check_finite_state(state, metrics, step)  # Never checkpoint a diverged state.
         checkpointer.maybe_save(step, state, meta(), force=is_last or preempted)
-        throughput.start()
+        progress.resume()
       if preempted:
         logging.warning('Preemption at step %d: checkpoint saved, stopping.', step)
         checkpointer.close()
         # ensure_flushes (above) flushes the writer on the way out.
-        return {'step': step, **results}
+        return {'step': step, **results, PREEMPTED: True}
 
     #################### Finish: final eval, export, curves ####################
-    throughput.pause()
     if not results:  # Resumed at the end (e.g. preempted during the final export).
       results = evaluate(state['params'], step, due_only=False)
       writer.write_scalars(step, results)
+    if not bool(_all_finite(state['params'])):  # Never export a diverged state.
+      raise _nonfinite_error('The parameters are NaN or infinite', step, checkpointer, config)
     checkpointer.close()
     final_params = _gather_to_host(state['params'])
     final_path = os.path.join(workdir, 'final.npz')
     if jax.process_index() == 0:
       weights.save_npz(final_params, final_path)
       weights.write_sidecar(final_path, _export_info(config, setup.model, step))
-      curves = reporting.plot_curves(workdir)
+      curves = reporting.plot_curves(workdir, setup.schedule)
       logging.info('Exported %s; training curves in %s.', final_path, curves)
       print(f'Final: {results}\nExported released-format weights to {final_path} (with '
             f'{os.path.basename(weights.sidecar_path(final_path))}: image size, '
