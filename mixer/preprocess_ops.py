@@ -16,6 +16,7 @@ Ops:
   decode, decode_and_inception_crop, inception_crop   (train)
   flip_left_right, randaugment                        (train)
   resize, resize_small, central_crop                  (train and eval)
+  eval_transform, decode_and_eval_transform           (eval, predict, export)
   value_range, multi_hot, mixup
   example_seed, split_seed                            (seed plumbing)
 """
@@ -77,10 +78,15 @@ def _sample_inception_window(image_shape, seed, min_area, aspect_range):
   return begin, size
 
 
-def _resize_to(image: tf.Tensor, height, width) -> tf.Tensor:
-  """Bilinear resize that keeps the input dtype (uint8 is rounded, clipped)."""
+def _resize_to(image: tf.Tensor, height, width, method: str = 'bilinear') -> tf.Tensor:
+  """Resize (no antialiasing) that keeps the input dtype (uint8 is rounded, clipped).
+
+  big_vision clips and casts, which truncates uint8 (a -0.5 level bias on
+  average); we round instead. That is the one place where pixels may differ
+  from big_vision's by one level.
+  """
   dtype = image.dtype
-  resized = tf.image.resize(image, [height, width], method='bilinear', antialias=False)
+  resized = tf.image.resize(image, [height, width], method=method, antialias=False)
   if dtype.is_integer:
     resized = tf.clip_by_value(tf.round(resized), dtype.min, dtype.max)
   return tf.cast(resized, dtype)
@@ -129,14 +135,27 @@ def resize(image: tf.Tensor, size: int | Sequence[int]) -> tf.Tensor:
   return _resize_to(image, height, width)
 
 
-def resize_small(image: tf.Tensor, smaller_size: int) -> tf.Tensor:
-  """Resizes so that the shorter side is `smaller_size`, keeping the aspect."""
+# big_vision's `resize_small` defaults: `get_resize_small(smaller_size,
+# method="area", antialias=False)` in big_vision/pp/ops_image.py (its docstring:
+# "`area` is a meaningful, bwd-compat default"); its `resize` is bilinear,
+# antialias=False. The Mixer configs (configs/mlp_mixer_i1k.py) use both
+# defaults, so the eval numbers of the released weights were measured with them.
+RESIZE_SMALL_METHOD = 'area'
+
+
+def resize_small(image: tf.Tensor, smaller_size: int,
+                 method: str = RESIZE_SMALL_METHOD) -> tf.Tensor:
+  """Resizes so that the shorter side is `smaller_size`, keeping the aspect.
+
+  Sizes are computed as big_vision's `_resize_factor`: each side times
+  smaller_size / min(H, W) in float32, rounded.
+  """
   shape = tf.shape(image)
-  height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
-  ratio = tf.cast(smaller_size, tf.float64) / tf.minimum(height, width)
+  height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  ratio = tf.cast(smaller_size, tf.float32) / tf.minimum(height, width)
   new_height = tf.cast(tf.round(height * ratio), tf.int32)
   new_width = tf.cast(tf.round(width * ratio), tf.int32)
-  return _resize_to(image, new_height, new_width)
+  return _resize_to(image, new_height, new_width, method=method)
 
 
 def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -156,6 +175,60 @@ def value_range(image: tf.Tensor, vmin: float = -1.0, vmax: float = 1.0) -> tf.T
   """Maps [0, 255] to float32 [vmin, vmax]; for (-1, 1) this is (x-127.5)/127.5."""
   image = tf.cast(image, tf.float32)
   return vmin + image * ((vmax - vmin) / 255.0)
+
+
+# ----------------------------------------------------------------------------
+# The evaluation transform: the one implementation used by the evaluators,
+# few-shot, mixer.predict and the export tools.
+# ----------------------------------------------------------------------------
+# 'resmall_crop': big_vision's `resize_small(S/f)|central_crop(S)` (the paper's
+#   Table 3 "resmall-crop"; S=224, f=0.875 gives 256 -> 224), area resize.
+# 'resize_crop':  `resize(S/f)|central_crop(S)`, bilinear (ignores the aspect).
+# 'resize':       `resize(S)`, bilinear (vision_transformer's fine-tuning eval).
+EVAL_PP = ('resmall_crop', 'resize_crop', 'resize')
+# The resize method each eval pp uses (written into the weights' sidecar).
+EVAL_RESIZE_METHOD = {'resmall_crop': RESIZE_SMALL_METHOD, 'resize_crop': 'bilinear',
+                      'resize': 'bilinear'}
+
+
+def check_eval_pp(pp: str, crop_fraction: float, *, where: str = 'pp') -> None:
+  """Raises ValueError naming `where` for an unknown pp or a bad crop fraction."""
+  if pp not in EVAL_PP:
+    raise ValueError(f'{where}={pp!r} is not an evaluation preprocessing; use one of '
+                     f'{EVAL_PP}.')
+  if not 0 < crop_fraction <= 1:
+    raise ValueError(f'crop_fraction={crop_fraction} must be in (0, 1] (0.875 = 224/256).')
+
+
+def eval_transform(image: tf.Tensor, *, image_size: int, pp: str,
+                   crop_fraction: float = 0.875) -> tf.Tensor:
+  """uint8 `[H, W, 3]` -> float32 `[image_size, image_size, 3]` in [-1, 1].
+
+  Args:
+    image: a decoded uint8 RGB image of any size.
+    image_size: the model's input side S.
+    pp: one of EVAL_PP (see the table above).
+    crop_fraction: crop side over resize side for the *_crop modes
+      (0.875 = 224/256); ignored by 'resize'.
+  """
+  check_eval_pp(pp, crop_fraction)
+  if pp == 'resize':
+    image = resize(image, image_size)
+  else:
+    resize_to = int(round(image_size / crop_fraction))
+    if pp == 'resmall_crop':
+      image = resize_small(image, resize_to)
+    else:
+      image = resize(image, resize_to)
+    image = central_crop(image, image_size)
+  return tf.ensure_shape(value_range(image), [image_size, image_size, 3])
+
+
+def decode_and_eval_transform(data: tf.Tensor, *, image_size: int, pp: str,
+                              crop_fraction: float = 0.875) -> tf.Tensor:
+  """`eval_transform(decode(data), ...)` for encoded JPEG/PNG/GIF/BMP bytes."""
+  return eval_transform(decode(data), image_size=image_size, pp=pp,
+                        crop_fraction=crop_fraction)
 
 
 # ----------------------------------------------------------------------------
@@ -217,13 +290,17 @@ def mixup(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, p: float
 # ----------------------------------------------------------------------------
 # RandAugment.
 #
-# The op set, level->argument mapping, per-op application probability
-# U(0.2, 0.8) and fill value follow big_vision's randaug (the TPU EfficientNet
-# autoaugment.py it was copied from), which the paper's magnitudes 10/15/20
-# refer to: level is on a 0..10 scale and larger values extrapolate (e.g.
-# Rotate at m=15 is up to 45 degrees). Quirks kept on purpose for fidelity:
-# Posterize keeps int(4*m/10) bits and Solarize's threshold is 256*m/10, so both
-# get *weaker* as m grows. Translate (100 px) and Cutout (40 px) are specified
+# The op set, level->argument mapping and fill value follow big_vision's
+# randaug (big_vision/pp/autoaugment.py, copied from the TPU EfficientNet
+# autoaugment.py), which the paper's magnitudes 10/15/20 refer to: level is on a
+# 0..10 scale and larger values extrapolate (e.g. Rotate at m=15 is up to 45
+# degrees). The chosen op is ALWAYS applied, as there: its
+# `distort_image_with_randaugment` draws a probability U(0.2, 0.8) per op but
+# only passes it to ops that take a `prob` argument (the bounding-box ops of
+# AutoAugment, none of the 16 below), and calls the selected op directly.
+# Quirks kept on purpose for fidelity: Posterize keeps int(4*m/10) bits and
+# Solarize's threshold is 256*m/10, so both get *weaker* as m grows (Solarize is
+# the identity from m=10 on). Translate (100 px) and Cutout (40 px) are specified
 # there for 224px images; here they are fractions of the image side equal to
 # those at 224px, so small images are not translated off-frame.
 # ----------------------------------------------------------------------------
@@ -398,8 +475,8 @@ def randaugment(image: tf.Tensor, seed: tf.Tensor, num_layers: int = 2,
                 magnitude: float = 15) -> tf.Tensor:
   """RandAugment(num_layers, magnitude) on a uint8 `[H, W, 3]` image.
 
-  Each layer picks one of RANDAUG_OPS uniformly and applies it with a
-  probability drawn from U(0.2, 0.8); rotate/shear/translate get a random sign.
+  Each layer picks one of RANDAUG_OPS uniformly and always applies it (as
+  big_vision, see above); rotate/shear/translate get a random sign.
 
   Args:
     image: uint8 `[H, W, 3]`.
@@ -420,16 +497,10 @@ def randaugment(image: tf.Tensor, seed: tf.Tensor, num_layers: int = 2,
 
 
 def _randaug_layer(image: tf.Tensor, seed: tf.Tensor, magnitude: float) -> tf.Tensor:
-  """One RandAugment layer: a random op, applied with probability U(0.2, 0.8)."""
-  op_seed, prob_seed, coin_seed, sign_seed, cutout_seed = tf.unstack(split_seed(seed, 5))
+  """One RandAugment layer: a uniformly chosen op, always applied."""
+  op_seed, sign_seed, cutout_seed = tf.unstack(split_seed(seed, 3))
   op_index = tf.random.stateless_uniform(
       [], op_seed, minval=0, maxval=len(RANDAUG_OPS), dtype=tf.int32)
-  apply_prob = tf.random.stateless_uniform([], prob_seed, minval=0.2, maxval=0.8)
-  apply = tf.random.stateless_uniform([], coin_seed) < apply_prob
   sign = tf.where(tf.random.stateless_uniform([], sign_seed) < 0.5, -1.0, 1.0)
   branches = _randaug_branches(image, float(magnitude), sign, cutout_seed)
-  # tf.cond, not tf.where: a skipped op (about half of them) costs nothing.
-  image = tf.cond(apply,
-                  lambda: tf.cast(tf.switch_case(op_index, branches), tf.uint8),
-                  lambda: image)
-  return _set_rgb_shape(image)
+  return _set_rgb_shape(tf.cast(tf.switch_case(op_index, branches), tf.uint8))

@@ -41,6 +41,9 @@ _OPS = {
     'resize_small': lambda data, seed: ops.resize_small(ops.decode(data), 12),
     'central_crop': lambda data, seed: ops.central_crop(ops.decode(data), 10),
     'value_range': lambda data, seed: ops.value_range(ops.decode(data)),
+    'eval_transform': lambda data, seed: tf.stack([
+        ops.decode_and_eval_transform(data, image_size=10, pp=pp, crop_fraction=0.875)
+        for pp in ops.EVAL_PP]),
     'mixup': lambda data, seed: ops.mixup(
         tf.cast(tf.stack([ops.decode(data)] * 3), tf.float32) * [[[[0.0]]], [[[1.0]]],
                                                                  [[[2.0]]]],
@@ -147,3 +150,71 @@ def test_example_seed_is_deterministic_and_distinct():
   np.testing.assert_array_equal(a, ops.example_seed(0, 5).numpy())
   assert not np.array_equal(a, ops.example_seed(0, 6).numpy())
   assert not np.array_equal(a, ops.example_seed(1, 5).numpy())
+
+
+def _np_central_crop(image, size):
+  top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+  return image[top:top + size, left:left + size]
+
+
+def test_eval_transform_matches_big_vision_pp_strings():
+  # Each pp rebuilt from tf.image.resize with big_vision's op defaults
+  # (resize_small: method='area', resize: 'bilinear', neither antialiased).
+  image = _random_image(45, 60)
+  small = np.round(tf.image.resize(image, [32, 43], method='area').numpy())  # 45 -> 32
+  square = np.round(tf.image.resize(image, [32, 32], method='bilinear').numpy())
+  direct = np.round(tf.image.resize(image, [28, 28], method='bilinear').numpy())
+  expected = {'resmall_crop': _np_central_crop(small, 28),
+              'resize_crop': _np_central_crop(square, 28), 'resize': direct}
+  for pp, want in expected.items():
+    got = ops.eval_transform(tf.constant(image), image_size=28, pp=pp, crop_fraction=0.875)
+    assert got.dtype == tf.float32 and got.shape == (28, 28, 3)
+    np.testing.assert_allclose(got.numpy(), (want - 127.5) / 127.5, atol=1e-6, err_msg=pp)
+
+
+def test_resize_small_is_area_not_bilinear():
+  # Downscaling by 4 makes area (a box average) and bilinear differ on noise.
+  image = tf.constant(_random_image(64, 64))
+  area = ops.resize_small(image, 16).numpy()
+  bilinear = ops.resize_small(image, 16, method='bilinear').numpy()
+  assert np.abs(area.astype(int) - bilinear.astype(int)).mean() > 5
+  box = _random_image(64, 64).reshape(16, 4, 16, 4, 3).mean((1, 3))
+  np.testing.assert_allclose(area, box, atol=0.5 + 1e-6)
+
+
+@pytest.mark.parametrize('pp,crop_fraction,match', [
+    ('resize_small', 0.875, 'not an evaluation preprocessing'),
+    ('resmall_crop', 0.0, 'crop_fraction'), ('resize_crop', 1.5, 'crop_fraction')])
+def test_eval_transform_rejects_bad_arguments(pp, crop_fraction, match):
+  with pytest.raises(ValueError, match=match):
+    ops.eval_transform(tf.zeros([8, 8, 3], tf.uint8), image_size=8, pp=pp,
+                       crop_fraction=crop_fraction)
+
+
+def _textured_image(size=32):
+  # Noise inside [40, 200] (so AutoContrast and Equalize have work to do) with
+  # a bright corner block (so geometric ops move visible content).
+  image = np.random.RandomState(3).randint(40, 201, [size, size, 3]).astype(np.uint8)
+  image[:size // 4, :size // 3] = 230
+  return image
+
+
+@pytest.mark.parametrize('name', ops.RANDAUG_OPS)
+def test_every_randaugment_op_changes_the_image(name):
+  # Magnitude 7: every op is active there (at 5 the enhance factor is exactly 1;
+  # from 10 on Solarize's threshold is >= 256, big_vision's quirk kept).
+  image = tf.constant(_textured_image())
+  branch = ops._randaug_branches(image, 7.0, 1.0, SEED)[ops.RANDAUG_OPS.index(name)]  # pylint: disable=protected-access
+  out = tf.cast(branch(), tf.uint8).numpy()
+  assert np.abs(out.astype(int) - _textured_image().astype(int)).mean() > 0.5, name
+
+
+def test_randaugment_always_applies_the_chosen_op():
+  # big_vision applies the selected op unconditionally: with one layer and an
+  # image every op changes, no seed may return the input (with the old
+  # probability U(0.2, 0.8) about half of them did).
+  image = tf.constant(_textured_image())
+  layer = tf.function(lambda seed: ops.randaugment(image, seed, num_layers=1, magnitude=7))
+  unchanged = [s for s in range(24)
+               if np.array_equal(layer(tf.constant([s, 1], tf.int64)).numpy(), image.numpy())]
+  assert not unchanged, f'seeds {unchanged} left the image unchanged'
