@@ -213,6 +213,11 @@ def visualize(weights: str | os.PathLike[str] | Mapping[str, Any], out: str | os
   title = f'{_display_name(weights)}: MixerBlock_{block} token-mixing units'
   subtitle = (f'{len(order)} of {len(units)} hidden units, each over the {grid}x{grid} patch '
               'grid; opposite-phase pairs side by side, low spatial frequency first')
+  # Files this project wrote carry a sidecar: name the model and how it was trained.
+  sidecar = None if isinstance(weights, Mapping) else weights_lib.read_sidecar(weights)
+  if sidecar:
+    subtitle = (f"{sidecar['model']['name']} at {sidecar['image_size']} px, step "
+                f"{sidecar['step']} on {sidecar.get('dataset', '?')}. " + subtitle)
   fig = figure(units[order], title, subtitle)
   out = os.fspath(out)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
