@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): setup.py requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip==26.3
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,tpu,export]'
 	touch $(STAMP)
 
 demo: install

@@ -30,9 +30,14 @@ setuptools.setup(
     install_requires=_RUNTIME,
     extras_require={
         'dev': _read_requirements('requirements-dev.txt'),
-        # Same jax version as the CPU stack, with the accelerator runtime.
-        'tpu': [f'jax[tpu]=={_JAX_VERSION}'],
+        # Same jax version as the CPU stack, with the accelerator runtime. jax[tpu] asks
+        # for libtpu==0.0.42.*; the exact build is pinned here (and in constraints.txt).
+        # `make install` installs it too: compile_check compiles for TPU slices with it.
+        'tpu': [f'jax[tpu]=={_JAX_VERSION}', 'libtpu==0.0.42.1'],
         'gpu': [f'jax[cuda12]=={_JAX_VERSION}'],
+        # mixer.export / mixer.serving: build and run ONNX, run TFLite (tf.lite.Interpreter
+        # is deprecated in favour of ai-edge-litert). SavedModel/TFLite conversion is TF's own.
+        'export': ['onnx==1.23.2', 'onnxruntime==1.31.1', 'ai-edge-litert==2.3.0'],
     },
     license='Apache-2.0',
 )

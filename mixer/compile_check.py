@@ -17,6 +17,7 @@ v3-2048) or a libtpu topology name such as `v4:2x2x4` / `v5e:4x4`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -56,14 +57,20 @@ def topology_devices(topology: str) -> tuple[list, str]:
     # below); naming them keeps the output readable.
     os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v3-8')
     os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+    # libtpu takes /tmp/libtpu_lockfile so that two processes cannot drive the same chips;
+    # a second compile_check (or test) would then fail with "Internal error when accessing
+    # libtpu multi-process lockfile". Without chips there is nothing to guard.
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
     description = topologies.get_topology_desc(
         platform='tpu', topology_name=name, chip_config_name='default',
         chips_per_host_bounds=(2, 2, 1), num_slices=1)
   except Exception as error:  # pylint: disable=broad-except  (re-raised with the fix)
-    raise RuntimeError(
-        f'Cannot describe TPU topology {name!r}: {error}. Compiling for TPU needs libtpu: '
-        "pip install -c constraints.txt -e '.[tpu]'.") from error
+    if importlib.util.find_spec('libtpu') is None:
+      fix = "Compiling for TPU needs libtpu: pip install -c constraints.txt -e '.[tpu]'."
+    else:
+      fix = 'libtpu is installed; the topology name or libtpu itself is the problem.'
+    raise RuntimeError(f'Cannot describe TPU topology {name!r}: {error}. {fix}') from error
   return list(description.devices), generation
 
 
@@ -112,7 +119,10 @@ def main():
     if topology.value == 'local':
       devices, hbm = jax.devices(), None
     else:
-      devices, generation = topology_devices(topology.value)
+      try:
+        devices, generation = topology_devices(topology.value)
+      except (ValueError, RuntimeError) as error:  # A bad --topology: one line, not a traceback.
+        raise SystemExit(f'error: --topology: {error}') from None
       hbm = HBM_GIB.get(generation)
     print(json.dumps({'topology': topology.value, **check(config.value, devices, hbm)}))
 

@@ -8,13 +8,61 @@ cluster (detected, or forced with MIXER_DISTRIBUTED=1), or when
 clusters, several processes on one machine).
 """
 
+import contextlib
+import errno
 import logging as std_logging
 import os
+import re
+import sys
+import tempfile
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# TensorFlow (tf.data only here) reads this when it loads: hide its C++ INFO lines
+# (CPU-feature notes and the like). A value the user sets wins.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
-from mixer import config_lib
+# Lines TensorFlow's C++ start-up writes before its logging is set up, so
+# TF_CPP_MIN_LOG_LEVEL cannot hide them (TF 2.21 prints each twice).
+_TF_STARTUP_NOISE = re.compile(
+    r'All log messages before absl::InitializeLog\(\) is called are written to STDERR'
+    r'|oneDNN custom operations are on')
+
+
+@contextlib.contextmanager
+def _without_native_stderr_lines(pattern: re.Pattern):
+  """Drops lines matching `pattern` that C++ code writes to fd 2 inside the block.
+
+  Everything else written meanwhile (a real error, a traceback) is passed on,
+  in order, when the block ends, also if it raises.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      for line in capture.read().decode('utf-8', 'replace').splitlines(keepends=True):
+        if not pattern.search(line):
+          sys.stderr.write(line)
+      sys.stderr.flush()
+
+
+with _without_native_stderr_lines(_TF_STARTUP_NOISE):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top,unused-import  (loaded here once)
+
+# After TensorFlow, whose start-up lines are filtered above.
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mixer import config_lib  # noqa: E402
+
+# jax logs at INFO that it found no TPU ("Unable to initialize backend 'tpu'") on
+# every machine without one; its warnings (e.g. a GPU it cannot use) still show.
+std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file (configs/*.py), optionally `file.py:arg`.',
@@ -24,6 +72,13 @@ _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, for multi-process runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
+_VERBOSE = flags.DEFINE_bool(
+    'verbose', False, 'Show the traceback of errors with a known cause (also MIXER_VERBOSE=1).')
+
+# Exit status of a run that stopped for a preemption after saving a checkpoint
+# (EX_TEMPFAIL from sysexits.h): rerun the same command to resume. Launch
+# scripts and schedulers requeue on it; 0 means finished, final.npz exported.
+EXIT_PREEMPTED = 75
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -97,15 +152,54 @@ class _QuietLibraries:
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
+_DISK_HINTS = {
+    errno.ENOSPC: 'the disk is full: free space (or use a --workdir on a larger disk), then '
+                  'rerun the same command; the run resumes from its last checkpoint',
+    errno.EDQUOT: 'the disk quota is exhausted: free space, then rerun the same command',
+    errno.EROFS: 'the file system is read-only: pass a --workdir on a writable disk',
+    errno.EACCES: 'permission denied: pass a --workdir (and data) you can write and read',
+    errno.EPERM: 'permission denied: pass a --workdir (and data) you can write and read',
+    errno.ENOTDIR: 'a path component is a file, not a directory: --workdir must be a directory',
+    errno.EEXIST: 'a file is in the way: move it, or pass another --workdir',
+    errno.ENOENT: 'no such file or directory: check the path',
+    errno.EFBIG: 'a file grew past the size limit (ulimit -f): raise the limit, then rerun',
+}
+
+
+def _known_error_message(error: BaseException) -> str | None:
+  """One line naming the problem and the fix, for errors with a known cause; None otherwise."""
+  from mixer import checkpoint, input_pipeline, train, workdir  # pylint: disable=g-import-not-at-top
+  if isinstance(error, OSError) and error.errno in _DISK_HINTS:
+    where = f': {error.filename}' if error.filename else ''
+    return f'{error.strerror or error}{where} ({_DISK_HINTS[error.errno]}).'
+  if isinstance(error, (ValueError, OSError, checkpoint.CheckpointError,
+                        workdir.WorkdirLockedError, train.NonFiniteLossError,
+                        input_pipeline.BadDataError)):
+    # The config, weights, data and workdir checks raise these with the fix in the message.
+    return ' '.join(str(error).split()) or type(error).__name__
+  return None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_logger().addFilter(_QuietLibraries())
-  initialize_distributed()
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')  # tf.data runs on the host; the GPUs are JAX's.
-  from mixer import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    initialize_distributed()
+    tf.config.set_visible_devices([], 'GPU')  # tf.data runs on the host; the GPUs are JAX's.
+    from mixer import train  # pylint: disable=g-import-not-at-top
+    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except Exception as error:  # pylint: disable=broad-except  (known causes: one line)
+    message = _known_error_message(error)
+    if message is None or _VERBOSE.value or os.environ.get('MIXER_VERBOSE', '') == '1':
+      raise  # Unexpected (or asked for): the full traceback.
+    sys.stderr.write(f'error: {message}\n(--verbose or MIXER_VERBOSE=1 shows the traceback.)\n')
+    sys.stderr.flush()
+    sys.exit(1)
+  if result.get(train.PREEMPTED):
+    logging.warning('Stopped for a preemption after saving a checkpoint: exit status %d; '
+                    'rerun the same command to resume.', EXIT_PREEMPTED)
+    sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == '__main__':

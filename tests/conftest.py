@@ -1,7 +1,15 @@
 """Helpers shared by several test files (import them: `from tests.conftest import ...`)."""
 
-import jax
-import numpy as np
+import os
+
+# The suite runs on the CPU backend. `make install` also installs libtpu (the `tpu` extra, so
+# that test_compile_check can compile for TPU slices); without this, jax's first backend query
+# on a machine without a TPU would try libtpu first. Set before jax is imported (it reads the
+# variable then), and inherited by the subprocesses tests start (trainer runs, CLIs).
+os.environ['JAX_PLATFORMS'] = 'cpu'
+
+import jax  # noqa: E402  (after JAX_PLATFORMS)
+import numpy as np  # noqa: E402
 
 
 def random_params(shapes, seed=0, bias_scale=0.2):

@@ -198,6 +198,20 @@ def test_imagenet21k_builder_on_a_fake_archive(tmp_path, caplog):
       assert abs(_decoded_value(example) - 40 * example['label'][0]) < 12
 
 
+def test_imagenet21k_label_order_from_the_released_list_in_the_package(tmp_path):
+  released = imagenet21k.read_synsets(imagenet21k.RELEASED_SYNSETS)
+  assert len(released) == imagenet21k.RELEASED_NUM_CLASSES == len(set(released))
+  assert released[:2] == ['n00004475', 'n00005787']  # Not sorted: the heads' own order.
+  synsets = (released[5], released[2], released[9])
+  _write_fake_i21k(tmp_path / 'manual', synsets=synsets, per_synset=2)
+  builder = prepare.prepare('imagenet21k', str(tmp_path / 'tfds'), str(tmp_path / 'manual'),
+                            synsets_file=imagenet21k.RELEASED_SYNSETS)
+  assert builder.info.features['label'].names == released
+  labels = {int(e['label'][0]) for e in _read_all(
+      datasets.get_source('imagenet21k', data_dir=str(tmp_path / 'tfds')), 'train')}
+  assert labels == {2, 5, 9}
+
+
 def test_imagenet21k_missing_archive_is_a_clear_error(tmp_path):
   (tmp_path / 'manual').mkdir()
   with pytest.raises(Exception, match='fall11_whole.tar'):
@@ -209,8 +223,68 @@ def test_imagenet21k_missing_archive_is_a_clear_error(tmp_path):
 # ----------------------------------------------------------------------------
 def test_missing_tfds_dataset_says_how_to_prepare(tmp_path):
   source = datasets.get_source('cifar10', data_dir=str(tmp_path))
-  with pytest.raises(FileNotFoundError, match='tfds build cifar10'):
+  with pytest.raises(FileNotFoundError,
+                     match=f'python -m mixer.datasets.prepare cifar10 --data_dir={tmp_path}`'):
     source.read('train')
+
+
+@pytest.mark.parametrize('dataset,command', [
+    ('cifar10', 'python -m mixer.datasets.prepare cifar10 --data_dir={}`'),
+    ('imagenet2012', 'python -m mixer.datasets.prepare imagenet2012 --data_dir={} '
+                     '--manual_dir=DIR` with ILSVRC2012_img_train.tar'),
+    ('imagenet21k', 'python -m mixer.datasets.prepare imagenet21k --data_dir={} '
+                    '--manual_dir=DIR --synsets_file=released` with fall11_whole.tar'),
+])
+def test_check_available_names_the_command_that_prepares_the_dataset(tmp_path, dataset,
+                                                                     command):
+  with pytest.raises(ValueError) as error:
+    datasets.check_available(dataset, 'train', str(tmp_path))
+  message = str(error.value)
+  assert message.startswith(f"Dataset '{dataset}', split 'train': ")
+  assert command.format(tmp_path) in message and 'tfds build' not in message
+
+
+def test_check_available_accepts_readable_splits_and_names_bad_ones(tmp_path):
+  datasets.check_available('digits', 'train[:90%]')
+  with pytest.raises(ValueError, match=r"'digits', split 'trian'.*Available splits"):
+    datasets.check_available('digits', 'trian')
+  with pytest.raises(ValueError, match='No TFRecord files match'):
+    datasets.check_available(f'tfrecord:{tmp_path}/{{split}}-*.tfrecord', 'train')
+  with pytest.raises(ValueError, match='is not a directory'):
+    datasets.check_available(f'imagefolder:{tmp_path}/none', 'train')
+  with pytest.raises(ValueError, match='Unknown dataset'):
+    datasets.check_available('no_such_dataset_xyz', 'train', str(tmp_path))
+  with tfds.testing.mock_data(num_examples=3):  # How tests and rehearsals fake TFDS data.
+    datasets.check_available('imagenet2012_real', 'validation', str(tmp_path))
+
+
+def _fake_cifar10_download(root):
+  """The extracted cifar-10-binary.tar.gz: 1 byte label + 3072 bytes a record."""
+  folder = root / 'cifar-10-batches-bin'
+  folder.mkdir(parents=True)
+  (folder / 'batches.meta.txt').write_text('\n'.join(f'class{i}' for i in range(10)) + '\n')
+  rng = np.random.default_rng(0)
+  for name in [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']:
+    records = [bytes([label]) + rng.integers(0, 256, 3072, np.uint8).tobytes()
+               for label in (3, 7)]
+    (folder / name).write_bytes(b''.join(records))
+  return root
+
+
+def test_prepare_builds_a_catalog_dataset_in_the_pinned_environment(tmp_path, monkeypatch):
+  """`mixer.datasets.prepare cifar10` (the command the errors name) works without Beam.
+
+  Only the download is replaced (no network here); the rest is TFDS's
+  download_and_prepare in this environment (`tfds build` fails: no apache_beam).
+  """
+  extracted = _fake_cifar10_download(tmp_path / 'download')
+  monkeypatch.setattr(tfds.download.DownloadManager, 'download_and_extract',
+                      lambda self, url: str(extracted))
+  prepare.prepare('cifar10', str(tmp_path / 'tfds'))
+  datasets.check_available('cifar10', 'test', str(tmp_path / 'tfds'))
+  source = datasets.get_source('cifar10', data_dir=str(tmp_path / 'tfds'))
+  assert source.num_examples('train') == 10 and source.num_examples('test') == 2
+  assert sorted(e['label'][0] for e in _read_all(source, 'test')) == [3, 7]
 
 
 def test_unknown_dataset_name_is_a_clear_error(tmp_path):

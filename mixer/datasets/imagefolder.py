@@ -13,9 +13,9 @@ class (that is logged). Examples are ordered by (class, file name). Files with
 an image extension (.jpg .jpeg .png .gif .bmp, any case) are read; other files
 and hidden files are skipped with a log line. A file at the wrong level (an
 image directly in `<root>/<split>/`, a folder inside a class folder) is an
-error. An image that does not decode is skipped with a logged warning by the
-pipeline (its label goes with it, so labels never shift). TFDS-style slices
-work: 'train[:90%]'.
+error, and so is a class folder with no image in any split. An image that does
+not decode is replaced by a blank, unlabelled example by the pipeline, with a
+warning naming it (mixer.input_pipeline). TFDS-style slices work: 'train[:90%]'.
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ from mixer.datasets import core
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
 _LAYOUT = '<root>/<split>/<class>/<image>'
+
+
+def _holds_images(folder: str) -> bool:
+  return any(not e.startswith('.') and e.lower().endswith(IMAGE_EXTENSIONS)
+             for e in tf.io.gfile.listdir(folder))
 
 
 class ImageFolderSource(core.DataSource):
@@ -55,6 +60,16 @@ class ImageFolderSource(core.DataSource):
                        f'layout {_LAYOUT}, e.g. {root}/train/<class>/img.jpg.')
     per_split = {split: self._class_folders(split) for split in self._splits}
     self._classes = sorted(set().union(*per_split.values()))
+    # A class folder without images in any split would add a class no example has
+    # (a silently wider head, a softmax over a class that never occurs).
+    empty = [c for c in self._classes if not any(
+        _holds_images(os.path.join(root, split, c)) for split, classes in per_split.items()
+        if c in classes)]
+    if empty:
+      raise ValueError(
+          f'imagefolder {root!r}: the class folder(s) {empty[:10]} hold no images in any split '
+          f'(extensions read: {", ".join(IMAGE_EXTENSIONS)}). Add images or remove the empty '
+          'folders: each would add a class that no example has.')
     for split, classes in per_split.items():
       missing = sorted(set(self._classes) - set(classes))
       if missing:

@@ -11,19 +11,21 @@ builder. Preparation, once per data_dir:
   2. Put it (or a symlink to it) in the manual dir, e.g.
      `<data_dir>/downloads/manual/fall11_whole.tar`.
   3. `python -m mixer.datasets.prepare imagenet21k --data_dir=<data_dir>
-     --manual_dir=<manual dir>` (add `--synsets_file=<file>` to fix the label
-     order, below).
+     --manual_dir=<manual dir> --synsets_file=released` (the label order of
+     the released heads; or a file of your own, or none: below).
 
 Archive layout read: the outer tar holds one tar per synset (`n01440764.tar`)
 of JPEGs; a tar of per-synset folders (`<x>/n01440764/*.JPEG`) is read too.
 
 Labels: the label id of a synset is its index in the sorted list of the
 synsets found in the archive; for the full fall11 release that is the class
-order of Google's released 21843-class heads
-(`/work/shared/reference/data/imagenet21k_goog_synsets.txt` lists that order).
-With `synsets_file` (one synset a line) the file's order is used instead and
-every synset of the archive must be in it; pass the released list to train a
-head that lines up with the released checkpoints whatever the archive.
+order of Google's released 21843-class heads. With `synsets_file` (one synset a
+line; anything after a tab on a line is ignored) the file's order is used
+instead and every synset of the archive must be in it. `synsets_file='released'`
+(`--synsets_file=released`) uses the released heads' order, which ships in this
+package as the first column of `mixer/data/imagenet21k_labels.txt` (the file
+`mixer.labels` reads the class names from): a head trained so lines up with
+the released checkpoints whatever the archive.
 
 Splits: there is no official split. An image goes to 'validation' when
 `int(md5(file name)[:8], 16) % 1000 < 10` (about 1%, fixed forever, balanced
@@ -42,6 +44,7 @@ seek, so it is decompressed three times. `gunzip` it once first if disk allows.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import io
 import os
 import tarfile
@@ -54,6 +57,8 @@ import tensorflow_datasets as tfds
 ARCHIVE_NAMES = ('fall11_whole.tar', 'winter21_whole.tar', 'winter21_whole.tar.gz',
                  'fall11_whole.tar.gz')
 RELEASED_NUM_CLASSES = 21843
+# synsets_file value for the released heads' class order (shipped in mixer/data/).
+RELEASED_SYNSETS = 'released'
 VALIDATION_PER_MILLE = 10
 _IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png')
 
@@ -83,6 +88,16 @@ def _synset_of(member: tarfile.TarInfo) -> str | None:
   if name.lower().endswith(_IMAGE_EXTENSIONS):
     return os.path.basename(os.path.dirname(name)) or None
   return None
+
+
+def read_synsets(synsets_file: str) -> list[str]:
+  """Synsets in label order: one a line, text after a tab ignored; 'released' = the heads'."""
+  if synsets_file == RELEASED_SYNSETS:
+    resource = importlib.resources.files('mixer') / 'data' / 'imagenet21k_labels.txt'
+    text = resource.read_text(encoding='utf-8')
+  else:
+    text = epath.Path(synsets_file).read_text()
+  return [line.split('\t', 1)[0].strip() for line in text.splitlines() if line.strip()]
 
 
 def list_synsets(archive: str) -> list[str]:
@@ -188,7 +203,7 @@ class Imagenet21k(tfds.core.GeneratorBasedBuilder):
       raise ValueError(f'{archive} holds no per-synset tars (nXXXXXXXX.tar) or synset '
                        'folders of JPEGs; is it the ImageNet-21k release?')
     if self._synsets_file:
-      names = [s.strip() for s in epath.Path(self._synsets_file).read_text().split()]
+      names = read_synsets(self._synsets_file)
       unknown = sorted(set(found) - set(names))
       if unknown:
         raise ValueError(f'{len(unknown)} synsets of the archive, e.g. {unknown[:3]}, are '

@@ -1,11 +1,13 @@
 r"""Prepares a TFDS dataset (ours or the catalogue's) in a data dir, once.
 
   python -m mixer.datasets.prepare imagenet21k --data_dir=/data/tfds \
-      --manual_dir=/data/manual [--synsets_file=imagenet21k_goog_synsets.txt]
+      --manual_dir=/data/manual --synsets_file=released   # fall11_whole.tar there
   python -m mixer.datasets.prepare imagenet2012 --data_dir=/data/tfds \
       --manual_dir=/data/manual   # ILSVRC2012_img_{train,val}.tar there
   python -m mixer.datasets.prepare cifar10 --data_dir=/data/tfds   # downloads
 
+It runs the builder's `download_and_prepare()`, in the pinned environment: TFDS's
+own `tfds build` CLI imports apache_beam, which this project does not install.
 Training later reads the prepared data with download disabled
 (config.data_dir=/data/tfds). See docs/input_pipeline.md.
 """
@@ -24,7 +26,8 @@ _MANUAL_DIR = flags.DEFINE_string(
     'manual_dir', None, 'Folder holding manually downloaded archives '
     '(default: <data_dir>/downloads/manual).')
 _SYNSETS_FILE = flags.DEFINE_string(
-    'synsets_file', None, 'imagenet21k only: label order, one synset a line.')
+    'synsets_file', None, "imagenet21k only: label order, one synset a line, or 'released' "
+    "for the order of Google's released heads (shipped in mixer/data/).")
 
 
 def prepare(name: str, data_dir: str, manual_dir: str | None = None,
