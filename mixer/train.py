@@ -32,7 +32,7 @@ from absl import logging
 from clu import metric_writers, parameter_overview
 from jax.experimental import multihost_utils
 
-from mixer import checkpoint, config_lib, evaluators, input_pipeline, models
+from mixer import checkpoint, config_lib, datasets, evaluators, input_pipeline, models
 from mixer import paths, reporting, sharding, trainer_setup, weights
 from mixer import workdir as workdir_lib
 
@@ -207,6 +207,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   """`train_and_evaluate` once the config is valid and the workdir locked."""
   if jax.process_index() == 0:
     reporting.write_config(workdir, config)  # The full config: in the workdir, not the log.
+
+  #################### Every split this run reads exists (seconds, before any state) ##########
+  train_split = [(config.dataset, config.train_split)] if config.total_steps else []
+  for dataset, split in train_split + evaluators.data_splits(config):
+    datasets.check_available(dataset, split, config.data_dir)
 
   #################### Mesh, model, optimizer, abstract state ####################
   # Shapes come from jax.eval_shape and shardings from the logical-axis rules:

@@ -269,7 +269,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tmp_path):
     time.sleep(0.05)
   process.send_signal(signal.SIGTERM)  # What a preemption / SLURM / Kubernetes sends first.
   _, stderr = process.communicate(timeout=300)
-  assert process.returncode == 0, stderr[-3000:]
+  assert process.returncode == 75, stderr[-3000:]  # EX_TEMPFAIL: preempted, checkpoint saved.
   assert 'Preemption at step' in stderr
   saved = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()]
   assert len(saved) == 1 and 50 <= saved[0] < 1000  # Saved off-schedule, at the signal.
@@ -342,13 +342,21 @@ def test_evaluators_have_their_own_data_classes_and_cadences(tmp_path):
   assert sidecar['model']['hidden_dim'] == 32 and sidecar['labels'] == [str(i) for i in range(10)]
 
 
-def test_missing_evaluator_dataset_fails_before_any_state(tmp_path):
+def test_missing_evaluator_dataset_fails_before_any_state(tmp_path, monkeypatch):
+  def no_model(*args, **kwargs):
+    raise AssertionError('the model was built before the data was checked')
+
+  monkeypatch.setattr(train.trainer_setup, 'build', no_model)
   config = tiny_config()
   config.evals.fewshot = evaluators.settings(
       'fewshot', datasets={'gone': (f'imagefolder:{tmp_path}/nowhere', 'train', 'test')})
-  with pytest.raises(Exception, match='nowhere'):
+  with pytest.raises(ValueError, match=r"Dataset 'imagefolder:.*nowhere', split 'train'"):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert not os.path.exists(tmp_path / 'run' / 'checkpoints' / '0')
+  config = tiny_config()
+  config.evals.eval.dataset = 'cifar100'
+  config.data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(ValueError, match='python -m mixer.datasets.prepare cifar100'):
+    train.train_and_evaluate(config, str(tmp_path / 'run2'))
 
 
 def test_evaluate_only_on_a_finished_workdir_and_on_an_init_file(tmp_path):

@@ -9,8 +9,9 @@
   config.evals.fewshot = evaluators.settings('fewshot', every_steps=25_000, datasets={...})
 
 Every type is a module here with `DEFAULTS` (its fields and their defaults,
-documented there), an optional `check(settings)` and an `Evaluator(name,
-settings, config, setup)` class. An evaluator builds its own data and reads its
+documented there), `check(where, settings)`, `data_splits(settings, config)`
+(the (dataset, split) pairs it reads, checked before any state is built) and an
+`Evaluator(name, settings, config, setup)` class. An evaluator builds its own data and reads its
 class count from *its* source, never from the training config; it runs every
 `every_steps` (0: only at the end) and at the last step, and its `run(params)`
 returns `{'<name>/<metric>': float}`, the same on every process. Adding a type
@@ -75,14 +76,26 @@ def check_settings(name: str, entry: ml_collections.ConfigDict) -> None:
   module.check(where, ml_collections.ConfigDict(full))
 
 
+def _full_settings(entry) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(TYPES[entry.type].DEFAULTS, **entry.to_dict()))
+
+
+def data_splits(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+  """Every (dataset, split) that the evaluators of `config.evals` read, in order, once each."""
+  splits = []
+  for entry in config.evals.values():
+    for pair in TYPES[entry.type].data_splits(_full_settings(entry), config):
+      if pair not in splits:
+        splits.append(pair)
+  return splits
+
+
 def create(config: ml_collections.ConfigDict, setup) -> list[Evaluator]:
   """One evaluator per `config.evals` entry; each opens its data now (fail fast)."""
   built = []
   for name, entry in config.evals.items():
     check_settings(name, entry)
-    module = TYPES[entry.type]
-    full = ml_collections.ConfigDict(dict(module.DEFAULTS, **entry.to_dict()))
-    built.append(module.Evaluator(name, full, config, setup))
+    built.append(TYPES[entry.type].Evaluator(name, _full_settings(entry), config, setup))
   return built
 
 

@@ -52,6 +52,11 @@ def check(where: str, settings: ml_collections.ConfigDict) -> None:
     raise ValueError(f"{where}.split={settings.split!r}: name a split, e.g. 'validation'.")
 
 
+def data_splits(settings: ml_collections.ConfigDict, config) -> list[tuple[str, str]]:
+  """The (dataset, split) this evaluator reads, checked before any state is built."""
+  return [(settings.dataset or config.dataset, settings.split)]
+
+
 def batch_sums(model, loss_fn, params, batch):
   """Masked sums of loss, top-1 and top-k hits and the example count over one batch."""
   logits = model.apply({'params': params}, batch['image'], train=False)

@@ -196,6 +196,13 @@ def check(where: str, settings: ml_collections.ConfigDict) -> None:
     raise ValueError(f'{where}.num_seeds={settings.num_seeds} must be >= 1.')
 
 
+def data_splits(settings: ml_collections.ConfigDict, config) -> list[tuple[str, str]]:
+  """Every (dataset, split) of the probes, checked before any state is built."""
+  del config
+  return [(dataset, split) for dataset, train_split, test_split in dict(settings.datasets).values()
+          for split in (train_split, test_split)]
+
+
 class FewShotEvaluator:
   """The few-shot protocol on features from `embed_fn` and data from `data_fn`.
 
@@ -321,7 +328,3 @@ class Evaluator(FewShotEvaluator):
           crop_fraction=settings.crop_fraction, batch_size=settings.batch_size)
 
     super().__init__(name, settings, embed_fn, data_fn)
-    # Open every split now, so a missing dataset fails at start-up, not at step 25,000.
-    for dataset, train_split, test_split in self.datasets.values():
-      for split in (train_split, test_split):
-        data_fn(dataset, split)
