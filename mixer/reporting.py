@@ -116,6 +116,24 @@ def drop_metrics_after(workdir: str, step: int) -> None:
                  _plural(dropped, 'row'), step, path)
 
 
+def set_aside_metrics(workdir: str) -> str | None:
+  """Before a fresh run: renames an existing metrics.jsonl to `metrics.jsonl.<UTC time>.old`.
+
+  Its rows are of an attempt that never reached a checkpoint, or of another
+  tool: kept, but out of the way of this run's steps. Returns the new name.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  if jax.process_index() != 0 or not (tf.io.gfile.exists(path) or _metrics_parts(path)):
+    return None
+  if _metrics_parts(path):
+    _merge_metrics(path)
+  target = f'{path}.{time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())}.old'
+  tf.io.gfile.rename(path, target, overwrite=True)
+  logging.warning('%s holds rows of an earlier attempt that left no checkpoint: moved it to %s.',
+                  path, target)
+  return target
+
+
 class JsonlWriter(metric_writers.MetricWriter):
   """Writes `{"step": step, name: value, ...}` lines to a file (scalars only).
 
@@ -450,8 +468,8 @@ def startup_summary(*, workdir: str, model_name: str, model_sizes: Mapping[str, 
     mib = {k: v / 2**20 for k, v in memory.items()}
     lines.append(
         f'  memory      {format_number(mib["total"])} MiB per device for the train step '
-        f'(arguments {format_number(mib["argument"])}, temp {format_number(mib["temp"])}, '
-        f'outputs {format_number(mib["output"])}, donated -{format_number(mib["alias"])})')
+        f'(arguments {format_number(mib["argument"])} + temporaries {format_number(mib["temp"])}'
+        f' + outputs {format_number(mib["output"])} - donated {format_number(mib["alias"])} MiB)')
   else:
     lines.append('  memory      not reported by this backend')
   lines.append(f'  files       {CONFIG_FILE}, {PARAMETERS_FILE}, {METRICS_FILE}, {CURVES_FILE}; '
