@@ -1,29 +1,157 @@
-"""`make bench`: every benchmark, one JSON line each, plus `bench_results.jsonl`.
+"""`make bench`: the benchmark suite, as JSON lines (`--out`) and a readable table.
 
-  input_pipeline  host preprocessing rate, images/s per CPU core (target >= 120)
-  train_step      update throughput and compiled memory per device of the
-                  trainer's real step (CPU default: Mixer-S/32 at 224, batch 16;
-                  run `python -m mixer.benchmarks.train_bench --model=Mixer-B_16
-                  --batch_size=256 --dtype=bfloat16` on an accelerator)
+  input    the trainer's input pipeline, images/s per CPU core     (input_bench)
+  forward  forward pass, images/s per device and MFU                (model_bench)
+  train    the trainer's train step, images/s per device and MFU    (model_bench)
+  compile  train-step compile time and memory per device, on each
+           of --devices (fake CPU devices, FSDP over all of them)  (compile_bench)
+  cache    first vs second start with the persistent compile cache (compile_bench)
+  e2e      the trainer on 'synthetic' data vs the bare train step   (e2e_bench)
 
-Figures vary with the machine and its load; compare runs on the same machine.
+Every combination of --models x --batch_sizes x --image_sizes x --scan_blocks x
+--remat is measured. The defaults are sized for a 2-core CPU (a few minutes);
+on an accelerator, e.g.:
+
+  python -m mixer.benchmarks.run --benchmarks=forward,train --models=Mixer-B_16,Mixer-L_16 \\
+      --batch_sizes=128,256,512 --dtype=bfloat16
+
+Figures vary with the machine and its load; compare runs on the same machine
+(each record names its device). docs/benchmarks.md has measured tables.
 """
 
+from __future__ import annotations
+
+import itertools
 import json
+import math
 
-from mixer.benchmarks import input_bench, train_bench
+from absl import app, flags
 
-RESULTS_FILE = 'bench_results.jsonl'
+_ALL = ('input', 'forward', 'train', 'compile', 'cache', 'e2e')
+
+_BENCHMARKS = flags.DEFINE_list('benchmarks', list(_ALL), f'Which of {",".join(_ALL)}.')
+_MODELS = flags.DEFINE_list('models', ['Mixer-S_32'], 'Variants, e.g. Mixer-B_16,Mixer-L_16.')
+_BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['8'], 'Global batch sizes.')
+_IMAGE_SIZES = flags.DEFINE_list('image_sizes', ['224'], 'Image sizes.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+_SCAN = flags.DEFINE_list('scan_blocks', ['false'], 'false and/or true.')
+_REMAT = flags.DEFINE_list('remat', ['none'], 'none, full and/or dots.')
+_DEVICES = flags.DEFINE_list('devices', ['1', '8'],
+                             'Device counts for `compile` (more than the real devices: fake '
+                             'CPU devices in a subprocess); FSDP over all of them.')
+_STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per window (forward, train).')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; the median is reported.')
+_E2E_STEPS = flags.DEFINE_integer('e2e_steps', 12, 'Trainer steps of `e2e`.')
+_INPUT_IMAGES = flags.DEFINE_integer('input_images', 512, 'Images timed by `input`.')
+_OUT = flags.DEFINE_string('out', 'bench_results.jsonl', 'JSON lines output file.')
+
+# Columns of the readable table, per benchmark: (header, record key).
+_COLUMNS = {
+    'input': [('img/s/core', 'images_per_sec_per_core'),
+              ('bare img/s/core', 'bare_decode_resize_images_per_sec_per_core'),
+              ('target', 'target_images_per_sec_per_core')],
+    'forward': [('img/s/dev', 'img_per_sec_per_device'), ('ms/step', 'step_seconds'),
+                ('GFLOP/img', 'model_gflops_per_image'), ('MFU', 'mfu'),
+                ('cpu ms/img', 'cpu_ms_per_image'), ('MFU cpu-time', 'mfu_cpu_time'),
+                ('mem MiB', 'memory_bytes_per_device')],
+    'compile': [('devices', 'devices'), ('compile s', 'compile_seconds'),
+                ('cpu s', 'compile_cpu_seconds'), ('params MiB', 'params_mib_per_device'),
+                ('opt MiB', 'opt_state_mib_per_device'), ('args MiB', 'argument_mib_per_device'),
+                ('temp MiB', 'temp_mib_per_device'), ('donated MiB', 'alias_mib_per_device'),
+                ('total MiB', 'total_mib_per_device')],
+    'cache': [('1st cpu s', 'first_start_compile_cpu_seconds'),
+              ('2nd cpu s', 'second_start_compile_cpu_seconds'),
+              ('2nd/1st', 'second_over_first'), ('target', 'target_second_over_first')],
+    'e2e': [('trainer img/s/dev', 'trainer_img_per_sec_per_device'),
+            ('bare img/s/dev', 'bare_step_img_per_sec_per_device'),
+            ('trainer/bare', 'trainer_over_bare'), ('target', 'target')],
+}
+_COLUMNS['train'] = _COLUMNS['forward']
+_KEY = [('model', 'model'), ('res', 'image_size'), ('batch', 'batch_size'), ('dtype', 'dtype'),
+        ('scan', 'scan_blocks'), ('remat', 'remat')]
 
 
-def main():
-  results = [input_bench.run(), train_bench.run()]
-  with open(RESULTS_FILE, 'w', encoding='utf-8') as f:
-    for result in results:
-      line = json.dumps(result)
-      print(line)
-      f.write(line + '\n')
+def _cell(record, key) -> str:
+  value = record.get(key)
+  if value is None:
+    return '-'
+  if key == 'memory_bytes_per_device':
+    return f'{value / 2**20:.0f}'
+  if key == 'step_seconds':
+    return f'{value * 1000:.1f}'
+  if isinstance(value, float):
+    return 'nan' if math.isnan(value) else f'{value:.3g}' if abs(value) < 1000 else f'{value:.0f}'
+  return str(value)
+
+
+def format_table(records: list[dict]) -> str:
+  """One aligned table per benchmark kind, in run order."""
+  blocks = []
+  for kind in _ALL:
+    rows = [r for r in records if r.get('benchmark') == kind]
+    if not rows:
+      continue
+    columns = ([c for c in _KEY if c[1] in rows[0]] if kind != 'input' else []) + _COLUMNS[kind]
+    table = [[header for header, _ in columns]] + [[_cell(r, key) for _, key in columns]
+                                                   for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    lines = ['  '.join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table]
+    lines.insert(1, '  '.join('-' * w for w in widths))
+    device = rows[0].get('device_kind', f'{rows[0].get("cores")} CPU cores')
+    blocks.append(f'== {kind} ({device}) ==\n' + '\n'.join(lines))
+  return '\n\n'.join(blocks)
+
+
+def _bool(text: str) -> bool:
+  if text.lower() not in ('true', 'false'):
+    raise app.UsageError(f'--scan_blocks takes true/false values, got {text!r}.')
+  return text.lower() == 'true'
+
+
+def main(argv):
+  del argv
+  unknown = set(_BENCHMARKS.value) - set(_ALL)
+  if unknown:
+    raise app.UsageError(f'Unknown benchmark(s) {sorted(unknown)}; choose from {_ALL}.')
+  # Imported here so `--help` and flag errors come back fast.
+  from mixer.benchmarks import compile_bench, e2e_bench, input_bench, model_bench  # pylint: disable=g-import-not-at-top
+
+  combos = [dict(model=m, batch_size=int(b), image_size=int(s), dtype=_DTYPE.value,
+                 scan_blocks=_bool(scan), remat=r)
+            for m, b, s, scan, r in itertools.product(
+                _MODELS.value, _BATCH_SIZES.value, _IMAGE_SIZES.value, _SCAN.value, _REMAT.value)]
+  chosen = set(_BENCHMARKS.value)
+  records = []
+  with open(_OUT.value, 'w', encoding='utf-8') as out:
+
+    def emit(record):
+      records.append(record)
+      out.write(json.dumps(record) + '\n')
+      out.flush()
+
+    if 'input' in chosen:
+      emit(input_bench.run(num_images=_INPUT_IMAGES.value))
+    modes = tuple(m for m in ('forward', 'train') if m in chosen)
+    if modes:
+      peak = model_bench.peak_flops_per_device(_DTYPE.value)  # Once: same peak for every row.
+      for kwargs in combos:
+        for record in model_bench.run(model_bench.bench_config(**kwargs), modes,
+                                      steps=_STEPS.value, repeats=_REPEATS.value, peak=peak):
+          emit(record)
+    if 'compile' in chosen:
+      for devices in (int(d) for d in _DEVICES.value):
+        for record in compile_bench.run_on_devices(
+            [dict(kwargs, fsdp=devices) for kwargs in combos], devices):
+          emit(record)
+    if 'cache' in chosen:
+      emit(compile_bench.persistent_cache(combos[0]))
+    if 'e2e' in chosen:
+      for kwargs in combos:
+        emit(e2e_bench.run(steps=_E2E_STEPS.value, log_every=max(1, _E2E_STEPS.value // 4),
+                           **kwargs))
+  print(format_table(records))
+  print(f'\nJSON lines: {_OUT.value}')
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -1,0 +1,141 @@
+"""Compile time and memory per device of the trainer's train step, on 1 or N (fake) devices.
+
+Only shapes and shardings are used (`trainer_setup.build` + `compile_train_step`,
+exactly what the trainer and `mixer.compile_check` compile): nothing is
+allocated, so Mixer-L/16 or H/14 can be measured on a laptop. Per device it
+reports XLA's memory plan (arguments, outputs, temporaries, donated = aliased
+bytes) and the bytes of params and optimizer state each device holds under the
+config's shardings (`fsdp=N` splits them along the hidden dimension).
+
+Several devices on a CPU need `XLA_FLAGS=--xla_force_host_platform_device_count=N`
+before jax starts, so `run_on_devices` runs this module in a subprocess:
+
+  python -m mixer.benchmarks.compile_bench --configs='[{"model": "Mixer-L_16", "fsdp": 8}]'
+  python -m mixer.benchmarks.run --benchmarks=compile --models=Mixer-L_16 --devices=1,8
+
+`persistent_cache` starts two processes that compile the same step with the
+persistent compilation cache (`mixer.compile_cache`) in a fresh directory: the
+first start compiles and writes, the second loads. Ratios use CPU seconds of
+the compiling process (wall-clock seconds are reported too): on a shared
+machine other processes inflate wall-clock time, not CPU time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+
+from mixer import trainer_setup
+from mixer.benchmarks import model_bench
+
+
+def _bytes_per_device(abstract_tree) -> int:
+  """Bytes of the largest shard of each leaf, summed: what one device holds."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract_tree):
+    shape = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shape) * leaf.dtype.itemsize
+  return total
+
+
+def run(**config_kwargs) -> dict[str, Any]:
+  """Compiles the train step of `model_bench.bench_config(**config_kwargs)` here.
+
+  FSDP (`fsdp`) and data parallelism (the rest) over all of this process's devices.
+  """
+  config = model_bench.bench_config(**config_kwargs)
+  devices = jax.devices()
+  config.mesh.data = -1
+  setup = trainer_setup.build(config, devices)
+  start, cpu_start = time.perf_counter(), time.process_time()
+  compiled = trainer_setup.compile_train_step(setup)
+  seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+  plan = trainer_setup.memory_per_device(compiled) or {}
+  params = _bytes_per_device(setup.abstract_state['params'])
+  opt = _bytes_per_device(setup.abstract_state['opt_state'])
+  mib = 2.0 ** 20
+  return {
+      'benchmark': 'compile', 'model': config.model.name, 'image_size': config.image_size,
+      'batch_size': config.batch_size, 'dtype': config.model_dtype,
+      'scan_blocks': bool(config.model.scan_blocks), 'remat': config.model.remat,
+      'mesh': dict(setup.mesh.shape), 'devices': len(devices),
+      'device_kind': devices[0].device_kind, 'compile_seconds': round(seconds, 2),
+      # CPU time of this process (all threads): robust to other load on the machine.
+      'compile_cpu_seconds': round(cpu_seconds, 2),
+      'params_mib_per_device': round(params / mib, 2),
+      'opt_state_mib_per_device': round(opt / mib, 2),
+      **{f'{name}_mib_per_device': round(plan[name] / mib, 2) if name in plan else None
+         for name in ('argument', 'output', 'temp', 'alias', 'total')},
+  }
+
+
+def _subprocess(configs: list[dict], devices: int, cache_dir: str | None = None,
+                timeout: float = 3600) -> list[dict]:
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                      f' --xla_force_host_platform_device_count={devices}').strip()
+  env.setdefault('JAX_PLATFORMS', 'cpu')
+  command = [sys.executable, '-m', 'mixer.benchmarks.compile_bench',
+             f'--configs={json.dumps(configs)}']
+  if cache_dir:
+    command.append(f'--cache_dir={cache_dir}')
+  done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout,
+                        check=False)
+  if done.returncode:
+    raise RuntimeError(f'compile_bench on {devices} devices failed:\n{done.stderr[-3000:]}')
+  return [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{')]
+
+
+def run_on_devices(configs: list[dict], devices: int) -> list[dict]:
+  """`run(**c)` for each c in `configs`, in a subprocess with `devices` CPU devices."""
+  return _subprocess(configs, devices)
+
+
+def persistent_cache(config_kwargs: dict) -> dict[str, Any]:
+  """First and second start of one compile with a fresh persistent cache; the second loads."""
+  with tempfile.TemporaryDirectory() as cache_dir:
+    first = _subprocess([config_kwargs], 1, cache_dir)[0]
+    second = _subprocess([config_kwargs], 1, cache_dir)[0]
+    entries = len(os.listdir(cache_dir))
+  ratio = second['compile_cpu_seconds'] / first['compile_cpu_seconds']
+  return {
+      'benchmark': 'cache', 'model': first['model'],
+      'image_size': first['image_size'], 'batch_size': first['batch_size'],
+      'scan_blocks': first['scan_blocks'], 'remat': first['remat'],
+      'first_start_compile_seconds': first['compile_seconds'],
+      'second_start_compile_seconds': second['compile_seconds'],
+      'first_start_compile_cpu_seconds': first['compile_cpu_seconds'],
+      'second_start_compile_cpu_seconds': second['compile_cpu_seconds'],
+      'second_over_first': round(ratio, 3), 'cache_entries': entries,
+      'target_second_over_first': 0.2, 'meets_target': ratio <= 0.2,
+  }
+
+
+def main():
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+  configs = flags.DEFINE_string(
+      'configs', '[{}]', 'JSON list of model_bench.bench_config keyword dicts.')
+  cache_dir = flags.DEFINE_string('cache_dir', None, 'Persistent compilation cache directory.')
+
+  def _main(argv):
+    del argv
+    if cache_dir.value:
+      from mixer import compile_cache  # pylint: disable=g-import-not-at-top
+      compile_cache.enable(cache_dir.value)
+    for kwargs in json.loads(configs.value):
+      print(json.dumps(run(**kwargs)), flush=True)
+
+  app.run(_main)
+
+
+if __name__ == '__main__':
+  main()
