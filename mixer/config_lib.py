@@ -60,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
       randaug_layers=2,
       randaug_magnitude=0,     # 0 = no RandAugment; the paper uses 10, 15 or 20.
       mixup_p=0.0,             # Mixup Beta(p, p) concentration; 0 = no mixup.
+      # Undecodable training records are replaced by a blank example; above this
+      # share of them (or if nothing decodes) the run stops: input_pipeline.
+      max_bad_fraction=0.01,
   ))
 
   # --- Model (mixer.models.get_model) ---
@@ -105,6 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.profile_steps = ml_collections.FieldReference(None, field_type=tuple)  # (start, stop)
+  # JAX's persistent compilation cache (mixer.compile_cache): a restarted or
+  # resumed run loads its compiled steps instead of compiling again. None:
+  # `<workdir>/compile_cache` (local or gs://); 'off': no cache.
+  c.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)
 
   # --- Evaluators (mixer.evaluators) ---
   # name -> settings; each runs every `every_steps` (0: only at the end) and at
@@ -223,6 +230,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       fail(key, config[key], 'it must be at least 1.')
   if not (math.isfinite(float(config.lr)) and config.lr > 0):
     fail('lr', config.lr, 'the learning rate must be a finite number above 0, e.g. 1e-3.')
+  if not 0.0 <= config.input.max_bad_fraction <= 1.0:
+    fail('input.max_bad_fraction', config.input.max_bad_fraction,
+         'it is the share of undecodable training records tolerated, in [0, 1] (default 0.01).')
   if config.total_steps < 0 or config.warmup_steps < 0:
     fail('total_steps' if config.total_steps < 0 else 'warmup_steps',
          min(config.total_steps, config.warmup_steps), 'steps cannot be negative.')

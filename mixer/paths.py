@@ -79,3 +79,22 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
       os.fsync(dir_fd)
     finally:
       os.close(dir_fd)
+
+
+def remove_stale_temp_files(directory: str, names) -> list[str]:
+  """Removes `atomic_write`'s temporary files for `names` left in `directory` by a killed run.
+
+  Only files of exactly our pattern (`.<name>.<random>.tmp`) are touched; call
+  it while holding the directory's lock, when no write of ours is in flight.
+  Bucket writes leave no temporary files. Returns the removed paths.
+  """
+  if is_remote(directory) or not os.path.isdir(directory):
+    return []
+  removed = []
+  for entry in os.listdir(directory):
+    if entry.endswith('.tmp') and any(entry.startswith(f'.{name}.') for name in names):
+      path = os.path.join(directory, entry)
+      with contextlib.suppress(OSError):
+        os.remove(path)
+        removed.append(path)
+  return removed

@@ -32,8 +32,8 @@ from absl import logging
 from clu import metric_writers, parameter_overview
 from jax.experimental import multihost_utils
 
-from mixer import checkpoint, config_lib, datasets, evaluators, input_pipeline, models
-from mixer import paths, reporting, sharding, trainer_setup, weights
+from mixer import checkpoint, compile_cache, config_lib, datasets, evaluators, input_pipeline
+from mixer import models, paths, reporting, sharding, trainer_setup, weights
 from mixer import workdir as workdir_lib
 
 # What `train_and_evaluate` returns, as `result[PREEMPTED] = True`, when it
@@ -60,13 +60,13 @@ def _nonfinite_error(what: str, step: int, checkpointer, config) -> NonFiniteLos
   kept = (f'The last complete checkpoint (step {last}, finite: non-finite states are never '
           f'saved) is kept in {checkpointer.directory}; rerunning resumes from it.'
           if last is not None else f'There is no checkpoint in {checkpointer.directory}.')
-  init = (f'the init weights ({config.init_from} were finite when loaded, so rather the '
-          'update), ' if config.init_from else '')
+  init = (f' (The initial weights, {config.init_from}, were finite when loaded.)'
+          if config.init_from else '')
   return NonFiniteLossError(
-      f'{what} at step {step}: nothing was saved or exported. {kept} Likely causes: '
-      f'{init}a learning rate too high (config.lr={config.lr}: lower it or raise '
+      f'{what} at step {step}: nothing was saved or exported. {kept} Likely causes: a '
+      f'learning rate too high (config.lr={config.lr}: lower it or raise '
       'config.warmup_steps), bfloat16 overflow (config.model_dtype=float32), or bad input '
-      'data (non-finite or wildly scaled images or labels).')
+      f'data (non-finite or wildly scaled images or labels).{init}')
 
 
 @contextlib.contextmanager
@@ -213,6 +213,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   for dataset, split in train_split + evaluators.data_splits(config):
     datasets.check_available(dataset, split, config.data_dir)
 
+  #################### Compilation cache: a restart loads what it compiled before ###########
+  if config.compilation_cache_dir != 'off':
+    compile_cache.enable(config.compilation_cache_dir or os.path.join(workdir, 'compile_cache'))
+
   #################### Mesh, model, optimizer, abstract state ####################
   # Shapes come from jax.eval_shape and shardings from the logical-axis rules:
   # no unsharded copy of the state is ever built on any device.
@@ -248,10 +252,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     state, core_hours, origin = _restore_or_create_state(
         setup, checkpointer, latest, config, workdir)
     step = int(jax.device_get(state['step']))
-    logging.info('Parameters from %s (step %d).', origin, step)
+    if latest is not None:
+      logging.info('Resumed from %s.', origin)
+    else:
+      logging.info('Parameters from %s (step %d).', origin, step)
     if latest is not None:
       # One row per step: rows a killed run wrote past its last checkpoint go.
       reporting.drop_metrics_after(workdir, step)
+    elif config.total_steps:
+      reporting.set_aside_metrics(workdir)  # A fresh run: earlier rows are kept aside.
     if train_iter is not None and step != start_step:  # Fell back to an older checkpoint.
       train_iter = input_pipeline.create_train_iterator(config, start_step=step)
 

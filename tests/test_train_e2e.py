@@ -340,6 +340,8 @@ def test_evaluators_have_their_own_data_classes_and_cadences(tmp_path):
   assert sidecar['image_size'] == 16 and sidecar['num_classes'] == 10
   assert sidecar['preprocessing']['pp'] == 'resize' and sidecar['step'] == 12
   assert sidecar['model']['hidden_dim'] == 32 and sidecar['labels'] == [str(i) for i in range(10)]
+  # The persistent compilation cache (default: in the workdir) holds the compiled steps.
+  assert os.listdir(os.path.join(workdir, 'compile_cache'))
 
 
 def test_missing_evaluator_dataset_fails_before_any_state(tmp_path, monkeypatch):

@@ -7,6 +7,9 @@
            of --devices (fake CPU devices, FSDP over all of them)  (compile_bench)
   cache    first vs second start with the persistent compile cache (compile_bench)
   e2e      the trainer on 'synthetic' data vs the bare train step   (e2e_bench)
+  deploy   exported formats: file size, batch-1 latency, batch-32
+           throughput, top-1 agreement with JAX (deploy_bench; not in
+           the default list: about 27 min for B/16 on 2 cores)
 
 Every combination of --models x --batch_sizes x --image_sizes x --scan_blocks x
 --remat is measured. The defaults are sized for a 2-core CPU (a few minutes);
@@ -27,9 +30,10 @@ import math
 
 from absl import app, flags
 
-_ALL = ('input', 'forward', 'train', 'compile', 'cache', 'e2e')
+_ALL = ('input', 'forward', 'train', 'compile', 'cache', 'e2e', 'deploy')
+_DEFAULT = ('input', 'forward', 'train', 'compile', 'cache', 'e2e')
 
-_BENCHMARKS = flags.DEFINE_list('benchmarks', list(_ALL), f'Which of {",".join(_ALL)}.')
+_BENCHMARKS = flags.DEFINE_list('benchmarks', list(_DEFAULT), f'Which of {",".join(_ALL)}.')
 _MODELS = flags.DEFINE_list('models', ['Mixer-S_32'], 'Variants, e.g. Mixer-B_16,Mixer-L_16.')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['8'], 'Global batch sizes.')
 _IMAGE_SIZES = flags.DEFINE_list('image_sizes', ['224'], 'Image sizes.')
@@ -62,6 +66,8 @@ _COLUMNS = {
     'cache': [('1st cpu s', 'first_start_compile_cpu_seconds'),
               ('2nd cpu s', 'second_start_compile_cpu_seconds'),
               ('2nd/1st', 'second_over_first'), ('target', 'target_second_over_first')],
+    'deploy': [('format', 'format'), ('MiB', 'file_mib'), ('b1 ms', 'batch1_latency_ms'),
+               ('b32 img/s', 'batch32_img_per_s'), ('top1=jax', 'top1_agreement_with_jax')],
     'e2e': [('trainer img/s/dev', 'trainer_img_per_sec_per_device'),
             ('bare img/s/dev', 'bare_step_img_per_sec_per_device'),
             ('trainer/bare', 'trainer_over_bare'), ('target', 'target')],
@@ -114,7 +120,7 @@ def main(argv):
   if unknown:
     raise app.UsageError(f'Unknown benchmark(s) {sorted(unknown)}; choose from {_ALL}.')
   # Imported here so `--help` and flag errors come back fast.
-  from mixer.benchmarks import compile_bench, e2e_bench, input_bench, model_bench  # pylint: disable=g-import-not-at-top
+  from mixer.benchmarks import compile_bench, deploy_bench, e2e_bench, input_bench, model_bench  # pylint: disable=g-import-not-at-top
 
   combos = [dict(model=m, batch_size=int(b), image_size=int(s), dtype=_DTYPE.value,
                  scan_blocks=_bool(scan), remat=r)
@@ -149,6 +155,10 @@ def main(argv):
       for kwargs in combos:
         emit(e2e_bench.run(steps=_E2E_STEPS.value, log_every=max(1, _E2E_STEPS.value // 4),
                            **kwargs))
+    if 'deploy' in chosen:
+      for kwargs in combos:
+        for record in deploy_bench.run(model_name=kwargs['model'], image_size=kwargs['image_size']):
+          emit(record)
   print(format_table(records))
   print(f'\nJSON lines: {_OUT.value}')
 

@@ -32,8 +32,10 @@ _LAYOUT = '<root>/<split>/<class>/<image>'
 
 
 def _holds_images(folder: str) -> bool:
-  return any(not e.startswith('.') and e.lower().endswith(IMAGE_EXTENSIONS)
-             for e in tf.io.gfile.listdir(folder))
+  """Whether a class folder has an image (or a subfolder, which listing reports as an error)."""
+  entries = [e for e in tf.io.gfile.listdir(folder) if not e.startswith('.')]
+  return any(e.lower().endswith(IMAGE_EXTENSIONS) for e in entries) or any(
+      tf.io.gfile.isdir(os.path.join(folder, e.rstrip('/'))) for e in entries)
 
 
 class ImageFolderSource(core.DataSource):
