@@ -5,7 +5,10 @@ vision_transformer's `mixer_base16_cifar10.py`): momentum SGD, batch 512, 500
 warmup steps then cosine decay, 10,000 steps, images upsampled to 224 with
 Inception crop + flip for training and a plain resize for evaluation, a
 zero-initialised 10-class head. 2% of train is held out ('train[98%:]') to pick
-the learning rate (`minival` evaluates there).
+the learning rate: evaluator 'val'; 'test' is the CIFAR-10 test split. This
+file is the 'cifar10' entry of `mixer.transfer_tasks` (the same config as
+`configs/transfer.py:task=cifar10`); sweep the grid with
+`python -m mixer.sweep --config=configs/finetune_cifar10.py` (docs/transfer.md).
 
 Learning rate: App. C's CIFAR grid is lr in {0.003, 0.01, 0.03, 0.06} (the ViT
 grid with 0.001 swapped for 0.06); 0.03 is the default here (and
@@ -45,32 +48,22 @@ Arguments after the colon, comma-separated:
   lr=0.03          peak learning rate (grid {0.003, 0.01, 0.03, 0.06}).
   init=PATH        released-format .npz, a local file (default
                    mixer_models/imagenet21k/Mixer-<variant>.npz, see "Weights").
-  minival          evaluate on the held-out 'train[98%:]' (to pick lr).
+  minival          evaluate only on the held-out 'train[98%:]' (no 'test').
   runlocal         shrink model, data, batch and steps for a laptop CPU (no init).
 
 Steps: the paper's fixed 10,000 steps at batch 512 = 5.12M images, ~104 epochs
 of 'train[:98%]' (49,000 images).
 """
 
-from mixer import config_lib, recipes
+from mixer import config_lib, recipes, transfer_tasks
+
+TASK = 'cifar10'  # The 'cifar10' entry of mixer.transfer_tasks (configs/transfer.py).
 
 
 def get_config(arg=None):
-  """CIFAR-10 fine-tuning of `variant` at 224; see the module docstring for `arg`."""
+  """configs/transfer.py:task=cifar10 with this file's arguments; see the module docstring."""
   arg = config_lib.parse_arg(arg, variant='B_16', lr=0.03, init='', minival=False,
                              runlocal=False)
-  config = config_lib.base_config()
-  config.dataset = 'cifar10'
-  config.train_split = 'train[:98%]'  # 2% held out to pick lr, as in the paper.
-  config.input.shuffle_buffer = 50_000  # All of CIFAR-10's train split.
-  config.input.cache_raw = True  # ~130 MB of encoded images: cache rather than re-read.
-  recipes.sgd_finetuning(config, variant=arg.variant, res=recipes.PRETRAIN_SIZE, lr=arg.lr,
-                         init=arg.init, total_steps=10_000, num_classes=10)
-  config.log_every = 50
-  config.checkpoint_every = 1_000
-  # vision_transformer: plain resize, no central crop.
-  config.evals.eval = recipes.classification_eval(
-      'train[98%:]' if arg.minival else 'test', every_steps=1_000, pp='resize')
-  if arg.runlocal:
-    config_lib.shrink_for_local(config)
-  return config
+  return transfer_tasks.build_config(TASK, variant=arg.variant, res=recipes.PRETRAIN_SIZE,
+                                     lr=arg.lr, init=arg.init, minival=arg.minival,
+                                     runlocal=arg.runlocal)

@@ -4,10 +4,14 @@ Recipe: `mixer.recipes.sgd_finetuning` (paper §3 "Fine-tuning" and App. C):
 momentum SGD, batch 512, 500 warmup steps then cosine decay, 20,000 steps,
 Inception crop + flip, a zero-initialised 1000-class head.
 
+This file is the 'imagenet' entry of `mixer.transfer_tasks`: it builds the
+same config as `configs/transfer.py:task=imagenet`, with evaluators 'val' (the
+1% of train held out, 'train[99%:]') and 'test' (ImageNet 'validation').
+
 Learning rate: the paper grid-searches lr in {0.003, 0.01, 0.03, 0.06} on the
-1% of train held out ('train[99%:]'; run with `minival` to evaluate there and
-select) and reports the best; 0.03 is the default here. Sweep with `lr=` below
-or --config.lr.
+held-out 'train[99%:]' and reports the best; 0.03 is the default here. Sweep
+with `python -m mixer.sweep --config=configs/finetune_imagenet.py` (best by
+'val', reports 'test'; docs/transfer.md), or one lr with `lr=` below.
 
 Resolution: 224, or `res=448` (any multiple K*224; App. C's block-diagonal
 token-mixing initialisation, see the recipe). At 448 the evaluation uses Table
@@ -55,32 +59,21 @@ Arguments after the colon, comma-separated:
   lr=0.03          peak learning rate (grid {0.003, 0.01, 0.03, 0.06}).
   init=PATH        released-format .npz, a local file (default
                    mixer_models/imagenet21k/Mixer-<variant>.npz, see "Weights").
-  minival          evaluate on the held-out 'train[99%:]' (to pick lr).
+  minival          evaluate only on the held-out 'train[99%:]' (no 'test').
   runlocal         shrink model, data, batch and steps for a laptop CPU (no init).
 
 Steps: the paper's fixed 20,000 steps at batch 512 = 10.24M images, ~8.1 epochs
 of 'train[:99%]' (1,268,355 images).
 """
 
-from mixer import config_lib, recipes
+from mixer import config_lib, recipes, transfer_tasks
+
+TASK = 'imagenet'  # The 'imagenet' entry of mixer.transfer_tasks (configs/transfer.py).
 
 
 def get_config(arg=None):
-  """ImageNet fine-tuning of `variant` at `res`; see the module docstring for `arg`."""
+  """configs/transfer.py:task=imagenet with this file's arguments; see the module docstring."""
   arg = config_lib.parse_arg(arg, variant='B_16', res=recipes.PRETRAIN_SIZE, lr=0.03, init='',
                              minival=False, runlocal=False)
-  config = config_lib.base_config()
-  config.dataset = 'imagenet2012'
-  config.train_split = 'train[:99%]'  # 1% held out to pick lr, as in the paper.
-  config.input.shuffle_buffer = 50_000  # vision_transformer's fine-tuning default.
-  recipes.sgd_finetuning(config, variant=arg.variant, res=arg.res, lr=arg.lr, init=arg.init,
-                         total_steps=20_000, num_classes=1000)
-  k = arg.res // recipes.PRETRAIN_SIZE
-  config.log_every = 50
-  config.checkpoint_every = 1_000
-  config.evals.eval = recipes.classification_eval(
-      'train[99%:]' if arg.minival else 'validation', every_steps=1_000,
-      pp='resize_crop' if k > 1 else 'resmall_crop')
-  if arg.runlocal:
-    config_lib.shrink_for_local(config, resolution_factor=k)
-  return config
+  return transfer_tasks.build_config(TASK, variant=arg.variant, res=arg.res, lr=arg.lr,
+                                     init=arg.init, minival=arg.minival, runlocal=arg.runlocal)

@@ -38,6 +38,9 @@ DOCUMENTED_ARGS = {
                              'variant=L_16', 'variant=L_16,res=448', 'lr=0.01',
                              'init=/tmp/Mixer-B_16.npz', 'variant=L_16,res=448,runlocal'),
     'finetune_cifar10.py': (None, 'runlocal', 'variant=L_16', 'lr=0.06,runlocal'),
+    # Every task of configs/transfer.py is built in tests/test_transfer.py.
+    'transfer.py': (None, 'runlocal', 'task=imagenet,res=448', 'task=pets,variant=L_16',
+                    'task=flowers,minival,runlocal'),
 }
 
 # Head-less parameter counts at 224 (paper Table 1; vision_transformer's models_test).
@@ -201,7 +204,7 @@ def test_finetune_at_448_widens_token_mlp():
   config = _config('finetune_imagenet.py', 'variant=L_16,res=448')
   assert (config.image_size, config.init_from_image_size) == (448, 224)
   assert config.model.tokens_mlp_dim == 4 * 512
-  assert config.evals.eval.pp == 'resize_crop'
+  assert config.evals.val.pp == config.evals.test.pp == 'resize_crop'
   assert config.init_from.endswith('imagenet21k/Mixer-L_16.npz')
   assert config.init_head == 'replace'
   assert _config('finetune_imagenet.py').model.tokens_mlp_dim is None
