@@ -78,7 +78,8 @@ MAX_RESTARTS="${MAX_RESTARTS:-3}"
 if [[ ! -x "${VENV}/bin/python" ]]; then
   die "no Python venv at ${VENV}: build it once on one node: cd ${REPO_ROOT} && python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e '.[gpu]' (or set VENV)."
 fi
-HEAD="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"
+# sed reads the whole list (head would close the pipe early: SIGPIPE, exit 141 under pipefail).
+HEAD="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | sed -n 1p)"
 
 # The tasks inherit the environment (srun's default --export=ALL); `env` puts these four
 # into it, which also makes the --dry-run line complete. SLURM_PROCID differs per task,

@@ -149,7 +149,7 @@ def test_two_processes_train_together_and_one_process_continues(tmp_path):
   for p, (_, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-5000:]
   assert 'Process 1 of 2' in outputs[1][1]
-  assert "Mesh {'data': 8, 'fsdp': 1, 'model': 1} over 8 devices" in outputs[0][1]
+  assert '8 x cpu in 2 processes; mesh data=8 fsdp=1 model=1' in outputs[0][1]
   losses = [r['train/loss'] for r in read_metrics(workdir) if 'train/loss' in r]
   assert len(losses) == 6 and losses[-1] < losses[0], losses
   resumed = run_main(workdir, '--config.total_steps=40', '--config.checkpoint_every=10',
