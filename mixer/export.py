@@ -271,9 +271,7 @@ def _place_directory(write: Callable[[str], None], out: str) -> None:
   tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(out)}.', suffix='.tmp')
   # mkdtemp makes the directory private (0700); give it the mode makedirs would, so that
   # a server running as another user (TF Serving in docker) can read it.
-  umask = os.umask(0o022)
-  os.umask(umask)
-  os.chmod(tmp, 0o777 & ~umask)
+  os.chmod(tmp, 0o777 & ~paths.current_umask())
   old = None
   try:
     write(tmp)

@@ -35,7 +35,7 @@ def read_bytes(path: str) -> bytes:
     return f.read()
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
   umask = os.umask(0o022)  # Reading the umask means setting it; restore it at once.
   os.umask(umask)
   return umask
@@ -63,7 +63,7 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
   try:
     with os.fdopen(fd, 'wb') as f:
       # mkstemp makes the file private (0600); give it the mode open() would.
-      os.fchmod(f.fileno(), 0o666 & ~_current_umask())
+      os.fchmod(f.fileno(), 0o666 & ~current_umask())
       write(f)
       f.flush()
       os.fsync(f.fileno())

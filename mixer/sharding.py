@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'model')
@@ -158,3 +158,10 @@ def bytes_per_device(tree) -> int:
       if shard.device == device:
         total += shard.data.nbytes
   return total
+
+
+def gather_to_host(tree):
+  """Full numpy values of (possibly multi-host sharded) arrays, on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)

@@ -92,13 +92,6 @@ def _sigterm_requests_stop(stop: threading.Event):
     signal.signal(signal.SIGTERM, previous)
 
 
-def _gather_to_host(tree):
-  """Full numpy values of (possibly multi-host sharded) arrays, on every process."""
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  return multihost_utils.process_allgather(tree, tiled=True)
-
-
 def _restore_or_create_state(setup, checkpointer, latest, config, workdir):
   """The train state: resumed from `latest`, loaded from `config.init_from`, or fresh.
 
@@ -128,9 +121,10 @@ def _restore_or_create_state(setup, checkpointer, latest, config, workdir):
         config.init_from, setup.model, config.image_size,
         from_image_size=config.init_from_image_size, head=config.init_head,
         head_bias=config.init_head_bias)
-    if not bool(_all_finite(params)):
-      flat = jax.tree_util.tree_flatten_with_path(params)[0]
-      bad = [jax.tree_util.keystr(k) for k, v in flat if not np.all(np.isfinite(v))]
+    # The loaded params are host numpy arrays: check them there, before any device copy.
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    bad = [jax.tree_util.keystr(k) for k, v in flat if not np.all(np.isfinite(v))]
+    if bad:
       raise NonFiniteLossError(
           f'config.init_from={config.init_from} holds NaN or infinite values in {len(bad)} '
           f'array(s), e.g. {bad[0]}: the file is damaged or was exported from a diverged run. '
@@ -361,7 +355,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     if not bool(_all_finite(state['params'])):  # Never export a diverged state.
       raise _nonfinite_error('The parameters are NaN or infinite', step, checkpointer, config)
     checkpointer.close()
-    final_params = _gather_to_host(state['params'])
+    final_params = sharding.gather_to_host(state['params'])
     final_path = os.path.join(workdir, 'final.npz')
     if jax.process_index() == 0:
       weights.save_npz(final_params, final_path)

@@ -53,7 +53,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from mixer import input_pipeline, preprocess_ops, sharding
 
@@ -302,13 +301,6 @@ class FewShotEvaluator:
     return x, ids, num_classes
 
 
-def _gather_to_host(tree):
-  """Full numpy values of (possibly multi-host sharded) arrays, on every process."""
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  return multihost_utils.process_allgather(tree, tiled=True)
-
-
 class Evaluator(FewShotEvaluator):
   """The trainer's few-shot evaluator: pre-logits of `setup.model`, data of `config`."""
 
@@ -320,7 +312,7 @@ class Evaluator(FewShotEvaluator):
     def embed_fn(params, local_batch):
       batch = sharding.put_local_batch(local_batch, mesh)
       outputs = (prelogits(params, batch['image']), batch['labels'], batch['mask'])
-      return tuple(np.asarray(x) for x in _gather_to_host(outputs))
+      return tuple(np.asarray(x) for x in sharding.gather_to_host(outputs))
 
     def data_fn(dataset, split):
       return input_pipeline.create_eval_iterator(
