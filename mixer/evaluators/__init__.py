@@ -68,16 +68,17 @@ def check_settings(name: str, entry: ml_collections.ConfigDict) -> None:
   if unknown:
     raise ValueError(f'{where} has unknown field(s) {sorted(unknown)}; a {entry["type"]!r} '
                      f'evaluator has: {sorted(module.DEFAULTS)}.')
-  full = dict(module.DEFAULTS, **dict(entry))
-  every = full['every_steps']
+  full = _full_settings(entry)
+  every = full.every_steps
   if not isinstance(every, int) or every < 0:
     raise ValueError(f'{where}.every_steps={every!r}: use a step count >= 1, or 0 to evaluate '
                      'only at the end of training.')
-  module.check(where, ml_collections.ConfigDict(full))
+  module.check(where, full)
 
 
 def _full_settings(entry) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(TYPES[entry.type].DEFAULTS, **entry.to_dict()))
+  """An evaluator's settings with its type's DEFAULTS filled in (entry: dict or ConfigDict)."""
+  return ml_collections.ConfigDict(dict(TYPES[entry['type']].DEFAULTS, **dict(entry)))
 
 
 def data_splits(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
