@@ -6,3 +6,12 @@ from mixer import platforms as _platforms
 # this package first: on a machine with libtpu but no TPU, jax is kept on the CPU before its
 # first backend query, so libtpu's start-up warnings never show (see mixer/platforms.py).
 _platforms.use_cpu_without_accelerator()
+
+import sys as _sys  # noqa: E402
+
+# While `python -m mixer.<command>` imports this package, sys.argv[0] is '-m'
+# (the module's path only once it runs): a command, not a library import, so load
+# TensorFlow now, before the command's imports do, without its start-up lines.
+if _sys.argv and _sys.argv[0] == '-m':
+  from mixer import tf_startup as _tf_startup  # noqa: E402
+  _tf_startup.import_quietly()

@@ -78,15 +78,17 @@ def check(config: ml_collections.ConfigDict, devices, hbm_gib: float | None = No
   """Compiles `config`'s train step for `devices`; returns the per-device memory plan."""
   config_lib.validate(config)
   setup = trainer_setup.build(config, devices)
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   compiled = trainer_setup.compile_train_step(setup)
-  seconds = time.perf_counter() - start
+  seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
   mesh, abstract_state = setup.mesh, setup.abstract_state
   result = {
       'model': config.model.name, 'image_size': config.image_size,
       'batch_size': config.batch_size, 'grad_accum_steps': config.grad_accum_steps,
       'model_dtype': config.model_dtype, 'mesh': dict(mesh.shape), 'devices': len(devices),
       'device_kind': devices[0].device_kind, 'compile_seconds': round(seconds, 1),
+      # CPU time of this process (all threads): what other load on the machine does not change.
+      'compile_cpu_seconds': round(cpu_seconds, 1),
       'params': sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state['params'])),
   }
   plan = trainer_setup.memory_per_device(compiled)

@@ -8,51 +8,14 @@ cluster (detected, or forced with MIXER_DISTRIBUTED=1), or when
 clusters, several processes on one machine).
 """
 
-import contextlib
 import errno
 import logging as std_logging
 import os
-import re
 import sys
-import tempfile
 
-# TensorFlow (tf.data only here) reads this when it loads: hide its C++ INFO lines
-# (CPU-feature notes and the like). A value the user sets wins.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+from mixer import tf_startup
 
-# Lines TensorFlow's C++ start-up writes before its logging is set up, so
-# TF_CPP_MIN_LOG_LEVEL cannot hide them (TF 2.21 prints each twice).
-_TF_STARTUP_NOISE = re.compile(
-    r'All log messages before absl::InitializeLog\(\) is called are written to STDERR'
-    r'|oneDNN custom operations are on')
-
-
-@contextlib.contextmanager
-def _without_native_stderr_lines(pattern: re.Pattern):
-  """Drops lines matching `pattern` that C++ code writes to fd 2 inside the block.
-
-  Everything else written meanwhile (a real error, a traceback) is passed on,
-  in order, when the block ends, also if it raises.
-  """
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as capture:
-    os.dup2(capture.fileno(), 2)
-    try:
-      yield
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      capture.seek(0)
-      for line in capture.read().decode('utf-8', 'replace').splitlines(keepends=True):
-        if not pattern.search(line):
-          sys.stderr.write(line)
-      sys.stderr.flush()
-
-
-with _without_native_stderr_lines(_TF_STARTUP_NOISE):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top,unused-import  (loaded here once)
+tf_startup.import_quietly()  # Already done when started as `python -m mixer.main`.
 
 # After TensorFlow, whose start-up lines are filtered above.
 from absl import app, flags, logging  # noqa: E402

@@ -151,3 +151,20 @@ def test_compile_bench_reports_memory_plan():
   assert record['scan_blocks'] and record['remat'] == 'dots'
   assert record['total_mib_per_device'] > record['params_mib_per_device'] > 0
   assert record['compile_cpu_seconds'] > 0
+
+
+def test_compile_bench_compiles_for_a_tpu_slice_and_pairs_scanned_with_unscanned():
+  """`--topology`: libtpu compiles the real step for v3-8 cores; the ratio rows pair by setting."""
+  configs = [dict(model='Mixer-S_32', image_size=64, batch_size=8, scan_blocks=scan, remat=remat)
+             for scan, remat in ((False, 'none'), (True, 'dots'))]
+  records = compile_bench.run_on_topology(configs, 'v3-8')
+  assert [(r['device_kind'], r['devices'], r['topology']) for r in records] == [
+      ('TPU v3', 8, 'v3-8')] * 2
+  [pair] = compile_bench.scan_vs_unscanned(records)
+  assert (pair['scanned_remat'], pair['unscanned_remat']) == ('dots', 'none')
+  assert pair['cpu_ratio'] == round(
+      records[1]['compile_cpu_seconds'] / records[0]['compile_cpu_seconds'], 3)
+  assert pair['meets_target_cpu'] == (pair['cpu_ratio'] <= compile_bench.SCAN_TARGET)
+  # Records of another batch size are not paired.
+  other = dict(records[0], batch_size=16)
+  assert compile_bench.scan_vs_unscanned([other, records[1]]) == []

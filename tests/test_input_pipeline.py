@@ -163,6 +163,38 @@ def test_undecodable_image_is_replaced_without_shifting_labels(tmp_path, caplog)
   assert 'zz_broken.png' in caplog.text  # The logged warning names the file.
 
 
+def test_map_or_substitute_keeps_order_and_names_failures_in_every_kind_of_chunk():
+  """Chunks of 4 over 11 elements: clean, one failure, all failing, and a short last chunk.
+
+  The labels have a variable length (as ReaL's do), so they travel serialized.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  failing = {1, 4, 5, 6, 7, 10}
+  labels = [list(range(i % 3)) for i in range(11)]
+  ds = tf.data.Dataset.from_generator(
+      lambda: ({'value': i, 'labels': labels[i], 'source_id': f'record{i}'} for i in range(11)),
+      output_signature={'value': tf.TensorSpec([], tf.int64),
+                        'labels': tf.TensorSpec([None], tf.int64),
+                        'source_id': tf.TensorSpec([], tf.string)})
+
+  def fn(example):
+    check = tf.debugging.Assert(
+        tf.logical_not(tf.reduce_any(tf.equal(example['value'], sorted(failing)))), ['fails'])
+    with tf.control_dependencies([check]):
+      return {'value': example['value'] * 10,
+              'count': tf.size(example['labels'], out_type=tf.int64)}
+
+  out = list(input_pipeline._map_or_substitute(  # pylint: disable=protected-access
+      ds, fn, {'value': tf.constant(-1, tf.int64), 'count': tf.constant(-1, tf.int64)},
+      lambda example: example['source_id'], chunk_size=4).as_numpy_iterator())
+  assert [int(result['value']) for result, _ in out] == [
+      -1 if i in failing else 10 * i for i in range(11)]
+  assert [int(result['count']) for result, _ in out] == [
+      -1 if i in failing else len(labels[i]) for i in range(11)]
+  assert [bad.decode() for _, bad in out] == [
+      f'record{i}' if i in failing else '' for i in range(11)]
+
+
 def test_configuration_errors_are_clear(tmp_path):
   with pytest.raises(ValueError, match='multiple of the number of processes'):
     input_pipeline.create_train_iterator(_config(batch_size=6), process_index=0,

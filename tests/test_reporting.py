@@ -302,3 +302,20 @@ def test_command_line_start_up_prints_no_tf_or_xla_chatter():
                 'cpu_feature_guard'):
     assert noise not in completed.stderr, completed.stderr
   assert completed.stderr.strip().splitlines()[-1] == 'real error'  # Other output still shows.
+
+
+@pytest.mark.parametrize('command', [
+    ['mixer.compile_check', '--config=configs/digits.py', '--topology=local'],
+    ['mixer.predict', '--help'], ['mixer.export', '--help'], ['mixer.visualize', '--help']])
+def test_every_command_starts_without_tf_chatter(command):
+  """Not only `mixer.main`: every `python -m mixer.<command>` loads TF quietly (tf_startup)."""
+  env = {k: v for k, v in os.environ.items() if k not in ('TF_CPP_MIN_LOG_LEVEL', 'JAX_PLATFORMS')}
+  completed = subprocess.run([sys.executable, '-m', *command], cwd=_REPO, env=env,
+                             capture_output=True, text=True, timeout=300, check=False)
+  if command[-1] == '--help':  # absl prints the flags and exits with 1.
+    assert 'Try --helpfull' in completed.stdout, completed.stderr
+  else:
+    assert completed.returncode == 0, completed.stderr
+  for noise in ('oneDNN', 'absl::InitializeLog', "Unable to initialize backend 'tpu'",
+                'cpu_feature_guard'):
+    assert noise not in completed.stderr, completed.stderr

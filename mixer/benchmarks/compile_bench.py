@@ -13,6 +13,13 @@ before jax starts, so `run_on_devices` runs this module in a subprocess:
   python -m mixer.benchmarks.compile_bench --configs='[{"model": "Mixer-L_16", "fsdp": 8}]'
   python -m mixer.benchmarks.run --benchmarks=compile --models=Mixer-L_16 --devices=1,8
 
+With a TPU topology (`--topology=v3-256`) the step is compiled for that slice's
+cores instead, compile-only, through libtpu on the CPU host (as
+`mixer.compile_check` does): what a pod run compiles at every start.
+
+`scan_vs_unscanned` pairs the records of one run that differ only in
+`scan_blocks` and gives the compile-time ratio (target <= 1/4).
+
 `persistent_cache` starts two processes that compile the same step with the
 persistent compilation cache (`mixer.compile_cache`) in a fresh directory: the
 first start compiles and writes, the second loads. Ratios use CPU seconds of
@@ -46,13 +53,21 @@ def _bytes_per_device(abstract_tree) -> int:
   return total
 
 
-def run(**config_kwargs) -> dict[str, Any]:
+SCAN_TARGET = 0.25  # Scanned step's compile time over the unscanned one's.
+
+
+def run(topology: str | None = None, **config_kwargs) -> dict[str, Any]:
   """Compiles the train step of `model_bench.bench_config(**config_kwargs)` here.
 
-  FSDP (`fsdp`) and data parallelism (the rest) over all of this process's devices.
+  FSDP (`fsdp`) and data parallelism (the rest) over all of this process's
+  devices, or over the cores of TPU `topology` (e.g. 'v3-256', compile-only).
   """
   config = model_bench.bench_config(**config_kwargs)
-  devices = jax.devices()
+  if topology:
+    from mixer import compile_check  # pylint: disable=g-import-not-at-top
+    devices, _ = compile_check.topology_devices(topology)
+  else:
+    devices = jax.devices()
   config.mesh.data = -1
   setup = trainer_setup.build(config, devices)
   start, cpu_start = time.perf_counter(), time.process_time()
@@ -66,7 +81,7 @@ def run(**config_kwargs) -> dict[str, Any]:
       'benchmark': 'compile', 'model': config.model.name, 'image_size': config.image_size,
       'batch_size': config.batch_size, 'dtype': config.model_dtype,
       'scan_blocks': bool(config.model.scan_blocks), 'remat': config.model.remat,
-      'mesh': dict(setup.mesh.shape), 'devices': len(devices),
+      'mesh': dict(setup.mesh.shape), 'devices': len(devices), 'topology': topology,
       'device_kind': devices[0].device_kind, 'compile_seconds': round(seconds, 2),
       # CPU time of this process (all threads): robust to other load on the machine.
       'compile_cpu_seconds': round(cpu_seconds, 2),
@@ -78,7 +93,7 @@ def run(**config_kwargs) -> dict[str, Any]:
 
 
 def _subprocess(configs: list[dict], devices: int, cache_dir: str | None = None,
-                timeout: float = 3600) -> list[dict]:
+                timeout: float = 3600, topology: str | None = None) -> list[dict]:
   env = dict(os.environ)
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
                       f' --xla_force_host_platform_device_count={devices}').strip()
@@ -87,6 +102,8 @@ def _subprocess(configs: list[dict], devices: int, cache_dir: str | None = None,
              f'--configs={json.dumps(configs)}']
   if cache_dir:
     command.append(f'--cache_dir={cache_dir}')
+  if topology:
+    command.append(f'--topology={topology}')
   done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout,
                         check=False)
   if done.returncode:
@@ -97,6 +114,45 @@ def _subprocess(configs: list[dict], devices: int, cache_dir: str | None = None,
 def run_on_devices(configs: list[dict], devices: int) -> list[dict]:
   """`run(**c)` for each c in `configs`, in a subprocess with `devices` CPU devices."""
   return _subprocess(configs, devices)
+
+
+def run_on_topology(configs: list[dict], topology: str) -> list[dict]:
+  """`run(topology, **c)` for each c in `configs`, in a subprocess (libtpu, compile-only)."""
+  return _subprocess(configs, 1, topology=topology)
+
+
+def scan_vs_unscanned(records: list[dict]) -> list[dict[str, Any]]:
+  """Each scanned compile record against the unscanned one of the same run and setting.
+
+  A scanned record with `remat` R is compared with the unscanned record with
+  the same R, and also with the unscanned one without remat when there is one
+  (the step as it was before scanning and remat existed).
+  """
+  def setting(r):
+    return (r['model'], r['image_size'], r['batch_size'], r['dtype'], r['devices'],
+            r.get('topology'))
+  unscanned = {(setting(r), r['remat']): r for r in records
+               if r.get('benchmark') == 'compile' and not r['scan_blocks']}
+  pairs = []
+  for scanned in (r for r in records if r.get('benchmark') == 'compile' and r['scan_blocks']):
+    for remat in dict.fromkeys((scanned['remat'], 'none')):
+      base = unscanned.get((setting(scanned), remat))
+      if base is None:
+        continue
+      cpu = scanned['compile_cpu_seconds'] / base['compile_cpu_seconds']
+      wall = scanned['compile_seconds'] / base['compile_seconds']
+      pairs.append({
+          'benchmark': 'scan_vs_unscanned', 'model': scanned['model'],
+          'image_size': scanned['image_size'], 'batch_size': scanned['batch_size'],
+          'dtype': scanned['dtype'], 'devices': scanned['devices'],
+          'device_kind': scanned['device_kind'], 'topology': scanned.get('topology'),
+          'scanned_remat': scanned['remat'], 'unscanned_remat': remat,
+          'scanned_cpu_seconds': scanned['compile_cpu_seconds'],
+          'unscanned_cpu_seconds': base['compile_cpu_seconds'],
+          'cpu_ratio': round(cpu, 3), 'wall_ratio': round(wall, 3), 'target': SCAN_TARGET,
+          'meets_target_cpu': cpu <= SCAN_TARGET, 'meets_target_wall': wall <= SCAN_TARGET,
+      })
+  return pairs
 
 
 def persistent_cache(config_kwargs: dict) -> dict[str, Any]:
@@ -125,6 +181,7 @@ def main():
   configs = flags.DEFINE_string(
       'configs', '[{}]', 'JSON list of model_bench.bench_config keyword dicts.')
   cache_dir = flags.DEFINE_string('cache_dir', None, 'Persistent compilation cache directory.')
+  topology = flags.DEFINE_string('topology', None, 'TPU slice to compile for, e.g. v3-256.')
 
   def _main(argv):
     del argv
@@ -132,7 +189,7 @@ def main():
       from mixer import compile_cache  # pylint: disable=g-import-not-at-top
       compile_cache.enable(cache_dir.value)
     for kwargs in json.loads(configs.value):
-      print(json.dumps(run(**kwargs)), flush=True)
+      print(json.dumps(run(topology.value, **kwargs)), flush=True)
 
   app.run(_main)
 

@@ -5,6 +5,9 @@
   train    the trainer's train step, images/s per device and MFU    (model_bench)
   compile  train-step compile time and memory per device, on each
            of --devices (fake CPU devices, FSDP over all of them)  (compile_bench)
+           or, with --topology=v3-256, for a TPU slice (libtpu,
+           compile-only); with --scan_blocks=false,true also the
+           scanned/unscanned compile-time ratio
   cache    first vs second start with the persistent compile cache (compile_bench)
   e2e      the trainer on 'synthetic' data vs the bare train step   (e2e_bench)
   deploy   exported formats: file size, batch-1 latency, batch-32
@@ -31,6 +34,7 @@ import math
 from absl import app, flags
 
 _ALL = ('input', 'forward', 'train', 'compile', 'cache', 'e2e', 'deploy')
+_KINDS = _ALL[:4] + ('scan_vs_unscanned',) + _ALL[4:]  # Record kinds, in table order.
 _DEFAULT = ('input', 'forward', 'train', 'compile', 'cache', 'e2e')
 
 _BENCHMARKS = flags.DEFINE_list('benchmarks', list(_DEFAULT), f'Which of {",".join(_ALL)}.')
@@ -46,7 +50,13 @@ _DEVICES = flags.DEFINE_list('devices', ['1', '8'],
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per window (forward, train).')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; the median is reported.')
 _E2E_STEPS = flags.DEFINE_integer('e2e_steps', 12, 'Trainer steps of `e2e`.')
-_INPUT_IMAGES = flags.DEFINE_integer('input_images', 512, 'Images timed by `input`.')
+_INPUT_IMAGES = flags.DEFINE_integer(
+    'input_images', 3072, 'Images timed by `input`: many times what the pipeline buffers, '
+    'or the rate measures the buffers.')
+_TOPOLOGY = flags.DEFINE_string(
+    'topology', None, '`compile` for this TPU slice (e.g. v3-256; needs libtpu) instead of '
+    '--devices.')
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Classes of the head (21843: i21k).')
 _OUT = flags.DEFINE_string('out', 'bench_results.jsonl', 'JSON lines output file.')
 
 # Columns of the readable table, per benchmark: (header, record key).
@@ -63,6 +73,12 @@ _COLUMNS = {
                 ('opt MiB', 'opt_state_mib_per_device'), ('args MiB', 'argument_mib_per_device'),
                 ('temp MiB', 'temp_mib_per_device'), ('donated MiB', 'alias_mib_per_device'),
                 ('total MiB', 'total_mib_per_device')],
+    'scan_vs_unscanned': [('devices', 'devices'), ('remat', 'scanned_remat'),
+                          ('vs remat', 'unscanned_remat'),
+                          ('scanned cpu s', 'scanned_cpu_seconds'),
+                          ('unscanned cpu s', 'unscanned_cpu_seconds'),
+                          ('cpu ratio', 'cpu_ratio'), ('wall ratio', 'wall_ratio'),
+                          ('target', 'target')],
     'cache': [('1st cpu s', 'first_start_compile_cpu_seconds'),
               ('2nd cpu s', 'second_start_compile_cpu_seconds'),
               ('2nd/1st', 'second_over_first'), ('target', 'target_second_over_first')],
@@ -93,11 +109,12 @@ def _cell(record, key) -> str:
 def format_table(records: list[dict]) -> str:
   """One aligned table per benchmark kind, in run order."""
   blocks = []
-  for kind in _ALL:
+  for kind in _KINDS:
     rows = [r for r in records if r.get('benchmark') == kind]
     if not rows:
       continue
-    columns = ([c for c in _KEY if c[1] in rows[0]] if kind != 'input' else []) + _COLUMNS[kind]
+    key = [c for c in _KEY if c[1] in rows[0]] if kind != 'input' else []
+    columns = key + _COLUMNS[kind]
     table = [[header for header, _ in columns]] + [[_cell(r, key) for _, key in columns]
                                                    for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
@@ -123,7 +140,7 @@ def main(argv):
   from mixer.benchmarks import compile_bench, deploy_bench, e2e_bench, input_bench, model_bench  # pylint: disable=g-import-not-at-top
 
   combos = [dict(model=m, batch_size=int(b), image_size=int(s), dtype=_DTYPE.value,
-                 scan_blocks=_bool(scan), remat=r)
+                 scan_blocks=_bool(scan), remat=r, num_classes=_NUM_CLASSES.value)
             for m, b, s, scan, r in itertools.product(
                 _MODELS.value, _BATCH_SIZES.value, _IMAGE_SIZES.value, _SCAN.value, _REMAT.value)]
   chosen = set(_BENCHMARKS.value)
@@ -145,10 +162,15 @@ def main(argv):
                                       steps=_STEPS.value, repeats=_REPEATS.value, peak=peak):
           emit(record)
     if 'compile' in chosen:
-      for devices in (int(d) for d in _DEVICES.value):
-        for record in compile_bench.run_on_devices(
-            [dict(kwargs, fsdp=devices) for kwargs in combos], devices):
-          emit(record)
+      compiled = []
+      if _TOPOLOGY.value:
+        compiled += compile_bench.run_on_topology(combos, _TOPOLOGY.value)
+      else:
+        for devices in (int(d) for d in _DEVICES.value):
+          compiled += compile_bench.run_on_devices(
+              [dict(kwargs, fsdp=devices) for kwargs in combos], devices)
+      for record in compiled + compile_bench.scan_vs_unscanned(compiled):
+        emit(record)
     if 'cache' in chosen:
       emit(compile_bench.persistent_cache(combos[0]))
     if 'e2e' in chosen:
