@@ -18,6 +18,7 @@ from mixer import tf_startup
 tf_startup.import_quietly()  # Already done when started as `python -m mixer.main`.
 
 # After TensorFlow, whose start-up lines are filtered above.
+import tensorflow as tf  # noqa: E402  (loaded already: this only binds the name)
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 

@@ -56,4 +56,4 @@ def import_quietly() -> None:
   # TensorFlow reads this when it loads: hide its C++ INFO lines (CPU-feature notes).
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   with _without_native_stderr_lines(_STARTUP_NOISE):
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  (loaded here once)
+    import tensorflow  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
