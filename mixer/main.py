@@ -27,6 +27,9 @@ from mixer import config_lib  # noqa: E402
 # jax logs at INFO that it found no TPU ("Unable to initialize backend 'tpu'") on
 # every machine without one; its warnings (e.g. a GPU it cannot use) still show.
 std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
+# ... and "Resetting cache at <empty>" when the persistent cache is turned on; our own
+# line names the cache directory.
+std_logging.getLogger('jax._src.compilation_cache').setLevel(std_logging.WARNING)
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file (configs/*.py), optionally `file.py:arg`.',
