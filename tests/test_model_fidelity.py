@@ -20,16 +20,22 @@ _SMALL = dict(num_classes=5, patch_size=4, hidden_dim=16, num_blocks=2, tokens_m
 
 @pytest.mark.parametrize('rescale', [False, True])
 def test_stochastic_depth_drops_or_keeps_branches(rescale):
-  x = jnp.ones([256, 3, 2])
-  out = models.StochasticDepth(0.25, rescale).apply(
-      {}, x, train=True, rngs={'dropout': jax.random.key(0)})
-  per_example = np.asarray(out)[:, 0, 0]
-  kept_value = 1 / 0.75 if rescale else 1.0
-  kept = per_example != 0
-  np.testing.assert_allclose(per_example[kept], kept_value, rtol=1e-6)
-  assert 0.15 < np.mean(per_example == 0) < 0.35  # About a quarter dropped.
-  np.testing.assert_array_equal(
-      models.StochasticDepth(0.25, rescale).apply({}, x, train=False), x)
+  # Three blocks: rates 0, 0.25 and 0.5 (linear in depth), per branch and example.
+  scales = np.asarray(models.branch_scales(jax.random.key(0), 0.5, 3, 4096, rescale))
+  assert scales.shape == (3, 2, 4096)
+  for block, rate in enumerate((0.0, 0.25, 0.5)):
+    kept_value = 1 / (1 - rate) if rescale else 1.0
+    kept = scales[block] != 0
+    np.testing.assert_allclose(scales[block][kept], kept_value, rtol=1e-6)
+    assert abs(np.mean(~kept) - rate) < 0.03, (block, np.mean(~kept))
+  # The two branches of a block are dropped independently.
+  assert np.mean((scales[2, 0] == 0) & (scales[2, 1] == 0)) == pytest.approx(0.25, abs=0.03)
+
+
+def test_dropped_branch_adds_exactly_nothing():
+  y = jnp.full([3, 2, 2], jnp.inf)
+  out = models._drop_branch(y, jnp.array([0.0, 1.0, 2.0]))  # pylint: disable=protected-access
+  assert np.all(np.asarray(out[0]) == 0) and np.all(np.isinf(np.asarray(out[1:])))
 
 
 @pytest.mark.parametrize('scan_blocks', [False, True], ids=['loop', 'scan'])

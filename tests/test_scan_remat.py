@@ -113,6 +113,19 @@ def test_stochastic_depth_under_scan_drops_branches_in_training_only():
   assert models.drop_path_rate(0.9, 2, 3) == pytest.approx(0.9)
 
 
+@pytest.mark.parametrize('remat', ['none', 'dots'])
+def test_stochastic_depth_drops_the_same_branches_scanned_or_not(remat):
+  """The masks are drawn once, before the blocks: the same rng drops the same branches."""
+  released = _released_params()
+  images, rngs = _images(n=16), {'dropout': jax.random.key(1)}
+  unscanned = _model(stoch_depth=0.9, remat=remat).apply(
+      {'params': released}, images, train=True, rngs=rngs)
+  scanned = _model(scan_blocks=True, stoch_depth=0.9, remat=remat).apply(
+      {'params': param_layout.to_scanned(released)}, images, train=True, rngs=rngs)
+  np.testing.assert_allclose(scanned, unscanned, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(unscanned, _apply(_model(), released, images), atol=1e-3)
+
+
 def test_round_trip_is_bit_exact_for_numpy_and_jax_trees():
   released = jax.tree.map(np.asarray, _released_params())
   scanned = param_layout.to_scanned(released, num_blocks=3)
