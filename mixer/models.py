@@ -106,11 +106,9 @@ def branch_scales(rng: jax.Array, stoch_depth: float, num_blocks: int, batch: in
   rescaled, as in the authors' code (big_vision/models/mlp_mixer.py:
   `x + y * _stoch_depth_mask(...)`, a 0/1 mask).
 
-  Drawn once, before the blocks, in one random call, for two reasons: the
-  scanned and the unrolled model then drop the same branches for the same rng,
-  and the step compiles one random-bits program instead of one per block (the
-  flagship L/16 step for v3-256: 62 instead of 70 CPU-s unrolled with remat,
-  about 1 CPU-s less scanned).
+  Drawn once, before the blocks, in one random call: the scanned and the
+  unrolled model then drop the same branches for the same rng (each block used
+  to draw its own, from rngs that differ between the two layouts).
   """
   rates = drop_path_rate(stoch_depth, jnp.arange(num_blocks, dtype=jnp.float32), num_blocks)
   keep = 1.0 - rates
