@@ -58,14 +58,20 @@ def _images(batch, size=IMAGE_SIZE, seed=0):
   return np.random.RandomState(seed).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
 
 
+def _export_and_compare_with_jax(weights, tmp_path, fmt, batches) -> str:
+  """Exports `weights` as `fmt` and checks its logits against JAX's at each batch size."""
+  out = _out(tmp_path, fmt)
+  export.export(weights, fmt, out)
+  want = serving.make_runner('jax', weights)(_images(7))
+  run = serving.make_runner(fmt, out)
+  for batch in batches:
+    assert _relative_error(run(_images(7)[:batch]), want[:batch]) < 1e-4
+  return out
+
+
 @pytest.mark.parametrize('fmt', ['onnx', 'stablehlo'])
 def test_fast_formats_match_jax_at_batch_1_and_7(small_weights, tmp_path, fmt):
-  out = _out(tmp_path, fmt)
-  export.export(small_weights, fmt, out)
-  want = serving.make_runner('jax', small_weights)(_images(7))
-  run = serving.make_runner(fmt, out)
-  for batch in (1, 7):
-    assert _relative_error(run(_images(7)[:batch]), want[:batch]) < 1e-4
+  _export_and_compare_with_jax(small_weights, tmp_path, fmt, (1, 7))
 
 
 def test_onnx_graph_has_opset_17_and_a_dynamic_batch(small_weights, tmp_path):
@@ -170,12 +176,8 @@ def test_failed_export_keeps_the_previous_file_and_directory(small_weights, tmp_
 @pytest.mark.slow
 @pytest.mark.parametrize('fmt', ['saved_model', 'tflite'])
 def test_tf_formats_match_jax_at_batch_1_and_7(small_weights, tmp_path, fmt):
-  out = _out(tmp_path, fmt)
-  export.export(small_weights, fmt, out)
-  want = serving.make_runner('jax', small_weights)(_images(7))
-  run = serving.make_runner(fmt, out)
-  for batch in (1, 7, 1):  # Back to 1: the TFLite runner resizes its input each time.
-    assert _relative_error(run(_images(7)[:batch]), want[:batch]) < 1e-4
+  # Back to 1: the TFLite runner resizes its input each time.
+  out = _export_and_compare_with_jax(small_weights, tmp_path, fmt, (1, 7, 1))
   if fmt == 'saved_model':  # Swapped in from a private temporary directory: mode as mkdir's.
     umask = os.umask(0o022)
     os.umask(umask)
