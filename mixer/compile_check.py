@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import time
 
 import jax
 import ml_collections
@@ -78,9 +77,7 @@ def check(config: ml_collections.ConfigDict, devices, hbm_gib: float | None = No
   """Compiles `config`'s train step for `devices`; returns the per-device memory plan."""
   config_lib.validate(config)
   setup = trainer_setup.build(config, devices)
-  start, cpu_start = time.perf_counter(), time.process_time()
-  compiled = trainer_setup.compile_train_step(setup)
-  seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+  compiled, seconds, cpu_seconds = trainer_setup.timed_compile_train_step(setup)
   mesh, abstract_state = setup.mesh, setup.abstract_state
   result = {
       'model': config.model.name, 'image_size': config.image_size,

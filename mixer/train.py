@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import threading
-import time
 from typing import Any
 
 import jax
@@ -248,13 +247,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     step = int(jax.device_get(state['step']))
     if latest is not None:
       logging.info('Resumed from %s.', origin)
-    else:
-      logging.info('Parameters from %s (step %d).', origin, step)
-    if latest is not None:
       # One row per step: rows a killed run wrote past its last checkpoint go.
       reporting.drop_metrics_after(workdir, step)
-    elif config.total_steps:
-      reporting.set_aside_metrics(workdir)  # A fresh run: earlier rows are kept aside.
+    else:
+      logging.info('Parameters from %s (step %d).', origin, step)
+      if config.total_steps:
+        reporting.set_aside_metrics(workdir)  # A fresh run: earlier rows are kept aside.
     if train_iter is not None and step != start_step:  # Fell back to an older checkpoint.
       train_iter = input_pipeline.create_train_iterator(config, start_step=step)
 
@@ -267,9 +265,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       return {'step': step, **results}
 
     #################### Compile the update step ####################
-    compile_start = time.perf_counter()
-    compiled_step = trainer_setup.compile_train_step(setup)
-    logging.info('Compiled the train step in %.1f s.', time.perf_counter() - compile_start)
+    compiled_step, compile_seconds, _ = trainer_setup.timed_compile_train_step(setup)
+    logging.info('Compiled the train step in %.1f s.', compile_seconds)
     train_size = input_pipeline.num_train_examples(config)
     logging.info('%s', reporting.startup_summary(
         workdir=workdir, model_name=config.model.name,

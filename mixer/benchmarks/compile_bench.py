@@ -35,7 +35,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 import jax
@@ -70,9 +69,7 @@ def run(topology: str | None = None, **config_kwargs) -> dict[str, Any]:
     devices = jax.devices()
   config.mesh.data = -1
   setup = trainer_setup.build(config, devices)
-  start, cpu_start = time.perf_counter(), time.process_time()
-  compiled = trainer_setup.compile_train_step(setup)
-  seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+  compiled, seconds, cpu_seconds = trainer_setup.timed_compile_train_step(setup)
   plan = trainer_setup.memory_per_device(compiled) or {}
   params = _bytes_per_device(setup.abstract_state['params'])
   opt = _bytes_per_device(setup.abstract_state['opt_state'])
