@@ -359,7 +359,7 @@ def main(argv: Sequence[str]) -> None:
                       labels=flag_values.labels, top_k=flag_values.top_k)
   except ValueError as e:  # ExportError, WeightsError: the message says what to fix.
     raise SystemExit(f'error: {e}') from None
-  size = _size_bytes(flag_values.out)
+  size = size_bytes(flag_values.out)
   print(f'Wrote {flag_values.out} ({flag_values.format}'
         f'{", " + flag_values.quantize if flag_values.quantize else ""}, {size / 2**20:.1f} MiB): '
         f'{servable.num_classes} classes at {servable.image_size} px, any batch size.')
@@ -367,7 +367,8 @@ def main(argv: Sequence[str]) -> None:
         f'--weights={flag_values.out} IMAGE...')
 
 
-def _size_bytes(path: str) -> int:
+def size_bytes(path: str) -> int:
+  """Bytes of an exported file, or of all files under an exported directory (SavedModel)."""
   if os.path.isdir(path):
     return sum(os.path.getsize(os.path.join(root, name))
                for root, _, names in os.walk(path) for name in names)

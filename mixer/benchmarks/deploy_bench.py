@@ -49,15 +49,6 @@ def _random_weights(model_name: str, image_size: int, path: str, **overrides) ->
   weights_lib.save_npz(params, path)
 
 
-def _size_mib(path: str) -> float:
-  if os.path.isdir(path):
-    total = sum(os.path.getsize(os.path.join(root, name))
-                for root, _, names in os.walk(path) for name in names)
-  else:
-    total = os.path.getsize(path)
-  return total / 2**20
-
-
 def _time(run, images, calls: int) -> list[float]:
   run(images)  # Warm-up: compilation, allocation, resizing of the input tensor.
   times = []
@@ -99,7 +90,8 @@ def run(model_name: str = 'Mixer-B_16', image_size: int = 224, repeats: int = 10
         reference = logits
       rows.append({
           'benchmark': 'deploy', 'model': model_name, 'image_size': image_size,
-          'cores': os.cpu_count(), 'format': label, 'file_mib': round(_size_mib(path), 1),
+          'cores': os.cpu_count(), 'format': label,
+          'file_mib': round(export.size_bytes(path) / 2**20, 1),
           'batch1_latency_ms': round(1e3 * latency, 1),
           f'batch{big_batch}_img_per_s': round(throughput, 2),
           'top1_agreement_with_jax': float(np.mean(logits.argmax(-1) == reference.argmax(-1))),
