@@ -348,9 +348,6 @@ def write_all(sizes: Mapping[str, Mapping[str, int]], data_dir: str, *,
     elif dataset.startswith('vtab:'):  # The task's TFDS dataset; VtabSource derives the label.
       from mixer import transfer_tasks  # pylint: disable=g-import-not-at-top
       write_tfds(transfer_tasks.get(dataset[len('vtab:'):]).tfds, splits, data_dir)
-    elif dataset.startswith('vtab:'):  # A VTAB-1k task reads its TFDS dataset (datasets/vtab.py).
-      from mixer import transfer_tasks  # pylint: disable=g-import-not-at-top
-      write_tfds(transfer_tasks.get(dataset[len('vtab:'):]).tfds, splits, data_dir)
     else:
       write_tfds(dataset, splits, data_dir)
   return renames
