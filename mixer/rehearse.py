@@ -213,10 +213,9 @@ def sigterm_at(step: int):
 
 
 @contextlib.contextmanager
-def _compile_cache(cache_dir: str):
-  """JAX's persistent compilation cache in `cache_dir`; the caller's setting is restored."""
+def _caller_compile_cache_restored():
+  """The trainer turns the persistent cache on (in its run dir); afterwards the caller's is back."""
   previous = jax.config.jax_compilation_cache_dir
-  compile_cache.enable(cache_dir)
   try:
     yield
   finally:
@@ -294,9 +293,9 @@ def rehearse(config: ml_collections.ConfigDict, workdir: str, *,
   preempt = preemption_step(config.total_steps)
   problems, first, second = [], {}, {}
   try:
-    # The resumed leg loads the first leg's executables instead of compiling
-    # them again (as a restarted pod run can with mixer.compile_cache).
-    with _compile_cache(os.path.join(workdir, 'compile_cache')):
+    # The resumed leg loads the first leg's executables from the run dir's
+    # persistent cache instead of compiling them again, as a restarted pod run does.
+    with _caller_compile_cache_restored():
       with sigterm_at(preempt):
         first = train.train_and_evaluate(config, run_dir)
       second = train.train_and_evaluate(config, run_dir)
