@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from mixer import export, platforms, serving
+from mixer import export, serving
 
 _BATCH_SIZE = 32  # Images per forward pass; bounds memory for long image lists.
 FLAGS = flags.FLAGS
@@ -162,7 +162,6 @@ def main(argv: Sequence[str]) -> None:
   image_paths = argv[1:]
   if not image_paths:
     raise app.UsageError('Pass one or more image files after the flags.')
-  platforms.use_cpu_without_accelerator()  # Before jax's first backend query.
   try:
     results = predict(FLAGS.model, FLAGS.weights, image_paths, labels=FLAGS.labels,
                       top_k=FLAGS.top_k, image_size=FLAGS.image_size, pp=FLAGS.pp,
