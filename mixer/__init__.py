@@ -10,8 +10,8 @@ _platforms.use_cpu_without_accelerator()
 import sys as _sys  # noqa: E402
 
 # While `python -m mixer.<command>` imports this package, sys.argv[0] is '-m'
-# (the module's path only once it runs): a command, not a library import, so load
-# TensorFlow now, before the command's imports do, without its start-up lines.
+# (the module's path only once it runs): a command, not a library import, so
+# TensorFlow's first import, if the command needs it, hides its start-up lines.
 if _sys.argv and _sys.argv[0] == '-m':
   from mixer import tf_startup as _tf_startup  # noqa: E402
-  _tf_startup.import_quietly()
+  _tf_startup.quiet_first_import()

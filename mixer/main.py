@@ -15,10 +15,9 @@ import sys
 
 from mixer import tf_startup
 
-tf_startup.import_quietly()  # Already done when started as `python -m mixer.main`.
+tf_startup.quiet_first_import()  # Already done when started as `python -m mixer.main`.
 
-# After TensorFlow, whose start-up lines are filtered above.
-import tensorflow as tf  # noqa: E402  (loaded already: this only binds the name)
+import tensorflow as tf  # noqa: E402  (first import: its start-up lines are filtered)
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 

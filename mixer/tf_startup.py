@@ -1,17 +1,20 @@
-"""TensorFlow loaded once and quietly, for every `python -m mixer.<command>`.
+"""TensorFlow's first import made quiet, for every `python -m mixer.<command>`.
 
 TensorFlow (tf.data, export, serving) writes a few lines from C++ while it
 loads, before its logging is set up, so TF_CPP_MIN_LOG_LEVEL cannot hide them
 ("oneDNN custom operations are on", "All log messages before
-absl::InitializeLog() ..."; TF 2.21 prints each twice). `import_quietly` loads
-TensorFlow with just those lines filtered out of the process's stderr.
-`mixer/__init__.py` calls it when the package is started as a command, so
-`mixer.main`, `mixer.compile_check`, `mixer.predict` and the rest start alike.
+absl::InitializeLog() ..."; TF 2.21 prints each twice). `quiet_first_import`
+makes the first `import tensorflow`, wherever it happens (tensorflow_datasets
+included), drop just those lines from the process's stderr; a command that
+never needs TensorFlow does not load it. `mixer/__init__.py` calls it when the
+package is started as a command, `mixer.main` when it is imported.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
 import os
 import re
 import sys
@@ -46,14 +49,34 @@ def _without_native_stderr_lines(pattern: re.Pattern):
       sys.stderr.flush()
 
 
-def import_quietly() -> None:
-  """Imports TensorFlow (once) without its C++ start-up lines; its INFO logs are off too.
+class _QuietFirstImport(importlib.abc.MetaPathFinder):
+  """Finds `tensorflow` once, with a loader that runs its import inside the stderr filter."""
 
-  A TF_CPP_MIN_LOG_LEVEL set by the user wins.
+  def find_spec(self, name, path=None, target=None):
+    del path, target
+    if name != 'tensorflow':
+      return None
+    sys.meta_path.remove(self)  # Once; and the real finders locate the package.
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+      return spec
+    exec_module = spec.loader.exec_module
+
+    def quiet_exec_module(module):
+      with _without_native_stderr_lines(_STARTUP_NOISE):
+        exec_module(module)
+
+    spec.loader.exec_module = quiet_exec_module
+    return spec
+
+
+def quiet_first_import() -> None:
+  """Makes the first `import tensorflow` drop TF's start-up lines; its INFO logs are off too.
+
+  A TF_CPP_MIN_LOG_LEVEL set by the user wins. Nothing is imported here.
   """
-  if 'tensorflow' in sys.modules:
+  if 'tensorflow' in sys.modules or any(isinstance(f, _QuietFirstImport) for f in sys.meta_path):
     return
   # TensorFlow reads this when it loads: hide its C++ INFO lines (CPU-feature notes).
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
-  with _without_native_stderr_lines(_STARTUP_NOISE):
-    import tensorflow  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+  sys.meta_path.insert(0, _QuietFirstImport())
