@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -86,6 +87,13 @@ class Servable:
 
   def logits(self, images: jax.Array) -> jax.Array:
     return self.model.apply({'params': self.params}, images, train=False)
+
+  def compiled_logits(self) -> Callable[[Any], jax.Array]:
+    """`logits`, jitted with the weights as an argument: jitting `logits` itself would
+    compile every weight into the program as a constant (slow to build, held twice)."""
+    apply = jax.jit(lambda params, images: self.model.apply({'params': params}, images,
+                                                             train=False))
+    return functools.partial(apply, self.params)
 
 
 def resolve_labels(spec: Any, num_classes: int, source: str) -> tuple[list[str], Any]:

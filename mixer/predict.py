@@ -124,11 +124,10 @@ def predict(model_name: str | None, weights: str | os.PathLike[str],
   crop_fraction = servable.crop_fraction if crop_fraction is None else crop_fraction
   sigmoid = servable.info.get('loss') == 'sigmoid_xent'
   activation = jax.nn.sigmoid if sigmoid else jax.nn.softmax
-  if backend == 'jax':
-    apply = jax.jit(lambda x: activation(servable.logits(x)))
-  else:
-    def apply(x):
-      return activation(servable.run(x))
+  logits = servable.compiled_logits() if backend == 'jax' else servable.run
+
+  def apply(x):
+    return activation(logits(x))
   results = []
   for start in range(0, len(image_paths), _BATCH_SIZE):
     batch = load_images(image_paths[start:start + _BATCH_SIZE], servable.image_size, pp,

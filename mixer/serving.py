@@ -92,9 +92,8 @@ def load_exported(backend: str, path: str, *, image_size: int | None = None,
 
 
 def _jax_runner(path: str) -> Runner:
-  import jax  # pylint: disable=g-import-not-at-top
   servable = export.load_servable(path)
-  apply = jax.jit(servable.logits)
+  apply = servable.compiled_logits()
   return lambda images: np.asarray(apply(np.asarray(images, np.float32)))
 
 
