@@ -3,7 +3,7 @@
 The parameter tree is exactly the one of Google's released `.npz` checkpoints
 (`gs://mixer_models/...`), so released weights load without renaming:
 
-  stem/{kernel,bias}                                   Conv, kernel HWIO, stride = patch
+  stem/{kernel,bias}                                   patch embedding: a stride-p conv, kernel HWIO
   MixerBlock_{i}/LayerNorm_0/{scale,bias}
   MixerBlock_{i}/token_mixing/Dense_{0,1}/{kernel,bias}
   MixerBlock_{i}/LayerNorm_1/{scale,bias}
@@ -171,6 +171,38 @@ class _ScanStep(nn.Module):
     return block(x, train, scales), None
 
 
+class PatchEmbedding(nn.Module):
+  """The stem: a patch_size x patch_size convolution with stride patch_size, as one matmul.
+
+  Same parameters as the released `nn.Conv` stem (`kernel` HWIO [p, p, 3, C],
+  `bias` [C]) and the same function. Non-overlapping patches make the
+  convolution a matmul of the flattened patches [N, h, w, p*p*3] with the kernel
+  reshaped to [p*p*3, C]. Written so because GPU convolution kernels handle 3
+  input channels badly: on an H100 cuDNN's kernel for the B/16 stem ran at
+  39 TFLOP/s (1.5 ms of a 66 ms train step at batch 256); as a matmul the step
+  is 2.6% faster (docs/benchmarks.md).
+  """
+  features: int
+  patch_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    p = self.patch_size
+    n, height, width, channels = images.shape
+    kernel = self.param('kernel', _partitioned(nn.initializers.lecun_normal(),
+                                                (CONV_HEIGHT, CONV_WIDTH, CONV_IN, EMBED)),
+                        (p, p, channels, self.features), jnp.float32)
+    bias = self.param('bias', _partitioned(nn.initializers.zeros, (EMBED,)),
+                      (self.features,), jnp.float32)
+    h, w = height // p, width // p
+    # [N, h, p, w, p, 3] -> [N, h, w, p, p, 3]: each patch's pixels in the kernel's HWI order.
+    patches = images.astype(self.dtype).reshape(n, h, p, w, p, channels)
+    patches = jnp.swapaxes(patches, 2, 3).reshape(n, h, w, p * p * channels)
+    y = jnp.dot(patches, kernel.astype(self.dtype).reshape(p * p * channels, self.features))
+    return y + bias.astype(self.dtype)
+
+
 class MlpMixer(nn.Module):
   """MLP-Mixer classifier.
 
@@ -220,13 +252,7 @@ class MlpMixer(nn.Module):
       raise ValueError(
           f'Image size {height}x{width} is not divisible by the patch size '
           f'{self.patch_size}: resize the images (e.g. config.image_size) to a multiple of it.')
-    p = self.patch_size
-    x = nn.Conv(
-        self.hidden_dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-        param_dtype=jnp.float32, name='stem',
-        kernel_init=_partitioned(nn.initializers.lecun_normal(),
-                                 (CONV_HEIGHT, CONV_WIDTH, CONV_IN, EMBED)),
-        bias_init=_partitioned(nn.initializers.zeros, (EMBED,)))(images.astype(self.dtype))
+    x = PatchEmbedding(self.hidden_dim, self.patch_size, self.dtype, name='stem')(images)
     # Mixed precision: the residual stream stays float32 whatever `dtype` is
     # (each block adds its bf16 MLP output to it in float32), as big_vision's
     # Mixer keeps activations in float32; see the class docstring.

@@ -4,6 +4,7 @@ Fast tests check what each benchmark computes (FLOP counts against XLA's own,
 per-device bytes under FSDP, the table); the end-to-end runs are `slow`.
 """
 
+import gzip
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from mixer import input_pipeline, models
-from mixer.benchmarks import compile_bench, model_bench, run as bench_run
+from mixer.benchmarks import compile_bench, model_bench, profile_bench, run as bench_run
 from mixer.datasets import get_source
 from tests import multidevice
 
@@ -127,21 +128,24 @@ def test_persistent_cache_second_process_loads_instead_of_compiling(tmp_path):
 def test_run_cli_writes_json_lines_and_a_table(tmp_path):
   out = tmp_path / 'results.jsonl'
   done = subprocess.run(
-      [sys.executable, '-m', 'mixer.benchmarks.run', '--benchmarks=forward,train,compile,e2e',
-       '--models=Mixer-S_32', '--image_sizes=64', '--batch_sizes=4', '--devices=1,2',
-       '--steps=1', '--repeats=1', '--e2e_steps=8', f'--out={out}'],
+      [sys.executable, '-m', 'mixer.benchmarks.run',
+       '--benchmarks=forward,train,compile,e2e,profile', '--models=Mixer-S_32',
+       '--image_sizes=64', '--batch_sizes=4', '--devices=1,2', '--steps=1', '--repeats=1',
+       '--e2e_steps=8', '--profile_steps=2', f'--profile_dir={tmp_path / "profile"}',
+       f'--out={out}'],
       env=multidevice.subprocess_env(1), capture_output=True, text=True, cwd=multidevice.REPO,
       timeout=900, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   records = [json.loads(line) for line in out.read_text().splitlines()]
   kinds = [r['benchmark'] for r in records]
-  assert kinds == ['forward', 'train', 'compile', 'compile', 'e2e']
+  assert kinds == ['forward', 'train', 'compile', 'compile', 'e2e', 'profile']
   assert [r['devices'] for r in records if r['benchmark'] == 'compile'] == [1, 2]
   for r in records[:2]:
     assert r['img_per_sec_per_device'] > 0 and 0 < r['mfu'] < 1.5
-  e2e = records[-1]
+  e2e = records[-2]
   assert e2e['trainer_img_per_sec_per_device'] > 0 and e2e['trainer_over_bare'] > 0
   assert '== e2e (cpu) ==' in done.stdout and 'trainer/bare' in done.stdout
+  assert '== profile (cpu) ==' in done.stdout and (tmp_path / 'profile' / '0').is_dir()
 
 
 @pytest.mark.slow
@@ -168,3 +172,73 @@ def test_compile_bench_compiles_for_a_tpu_slice_and_pairs_scanned_with_unscanned
   # Records of another batch size are not paired.
   other = dict(records[0], batch_size=16)
   assert compile_bench.scan_vs_unscanned([other, records[1]]) == []
+
+
+# --- profile: where the train step's device time goes ------------------------------------
+
+_H100_TRACE = os.path.join(os.path.dirname(__file__), 'data', 'h100_mixer_b16_train_trace.json.gz')
+
+
+def test_profile_sums_the_gpu_kernels_of_a_real_h100_trace():
+  """A trace of 3 Mixer-B/16 bf16 train steps (batch 256) taken on an H100 with `profile`."""
+  with gzip.open(_H100_TRACE, 'rt', encoding='utf-8') as f:
+    trace = json.load(f)
+  events = trace['traceEvents']
+  gpu_kernels = [e for e in events if e.get('ph') == 'X' and e.get('pid') == 1]
+  host_events = [e for e in events if e.get('ph') == 'X' and e.get('pid') != 1]
+  assert gpu_kernels and host_events
+  times = profile_bench.device_op_times(trace)
+  # Every kernel on the GPU stream and nothing from the host threads.
+  assert sum(count for _, count in times.values()) == len(gpu_kernels)
+  assert sum(micros for micros, _ in times.values()) == pytest.approx(
+      sum(e['dur'] for e in gpu_kernels))
+  summary = profile_bench.summarize(times, steps=3)
+  shares = [summary[f'{name}_pct'] for name in profile_bench.CATEGORY_NAMES]
+  assert sum(shares) == pytest.approx(100, abs=0.5)
+  assert 60 < summary['device_ms_per_step'] < 70  # The step took 66.6 ms in the same run.
+  assert 40 < summary['matmul_pct'] < 50
+  top = summary['top_ops'][0]
+  assert top['category'] == 'matmul' and top['op'].startswith('nvjet')
+  assert top['calls_per_step'] == 24  # Two matmuls of this shape per block, 12 blocks.
+
+
+@pytest.mark.parametrize('op, expected', [
+    ('sm80_xmma_fprop_implicit_gemm_indexed_bf16bf16', 'convolution'),  # cuDNN, not a matmul.
+    ('loop_convert_fusion_22', 'elementwise'),                          # 'convert' is no conv.
+    ('nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_splitK_NTN', 'matmul'),
+    ('gemm_fusion_dot_49', 'matmul'),
+    ('input_transpose_fusion_35', 'copy/layout'),
+    ('loop_dynamic_update_slice_fusion_5', 'copy/layout'),
+    ('input_add_reduce_fusion_57', 'reduction'),
+    ('memcpy128', 'memcpy'),
+    ('Memset 3', 'memcpy'),
+])
+def test_profile_categories(op, expected):
+  assert profile_bench.category(op) == expected
+
+
+def test_profile_reads_a_tpu_xla_ops_line_and_skips_the_summary_lines():
+  trace = {'traceEvents': [
+      {'ph': 'M', 'name': 'process_name', 'pid': 3, 'args': {'name': '/device:TPU:0'}},
+      {'ph': 'M', 'name': 'thread_name', 'pid': 3, 'tid': 1, 'args': {'name': 'XLA Modules'}},
+      {'ph': 'M', 'name': 'thread_name', 'pid': 3, 'tid': 2, 'args': {'name': 'XLA Ops'}},
+      {'ph': 'M', 'name': 'process_name', 'pid': 9, 'args': {'name': '/host:CPU'}},
+      {'ph': 'X', 'pid': 3, 'tid': 1, 'name': 'jit_train_step', 'dur': 100.0},
+      {'ph': 'X', 'pid': 3, 'tid': 2, 'name': 'fusion.1', 'dur': 30.0},
+      {'ph': 'X', 'pid': 3, 'tid': 2, 'name': 'fusion.1', 'dur': 30.0},
+      {'ph': 'X', 'pid': 3, 'tid': 2, 'name': 'copy.2', 'dur': 40.0},
+      {'ph': 'X', 'pid': 9, 'tid': 5, 'name': 'fusion.1', 'dur': 999.0},
+  ]}
+  assert profile_bench.device_op_times(trace) == {'fusion.1': (60.0, 2), 'copy.2': (40.0, 1)}
+  summary = profile_bench.summarize(profile_bench.device_op_times(trace), steps=2)
+  assert summary['device_ms_per_step'] == 0.05
+  assert summary['copy/layout_pct'] == 40.0 and summary['elementwise_pct'] == 60.0
+
+
+def test_profile_traces_the_train_step(tmp_path):
+  """On the CPU backend the trace is written and timed; there are no per-op device events."""
+  config = model_bench.bench_config('Mixer-S_32', batch_size=2, image_size=64)
+  record = profile_bench.run(config, str(tmp_path / 'trace'), steps=2)
+  assert record['benchmark'] == 'profile' and record['step_seconds'] > 0
+  assert profile_bench.read_trace(str(tmp_path / 'trace')) is not None
+  assert record['device_ms_per_step'] is None  # CPU: no device lines in the trace.

@@ -161,6 +161,20 @@ def test_forward_matches_independent_numpy_implementation(model_kwargs, image_si
   assert relative_error(logits, expected) < 1e-5
 
 
+def test_patch_embedding_is_the_released_strided_convolution():
+  """The matmul stem computes the released nn.Conv stem (stride = kernel = patch) exactly."""
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 48, 3)), jnp.float32)
+  stem = models.PatchEmbedding(features=5, patch_size=16)
+  conv = nn.Conv(5, (16, 16), strides=(16, 16), padding='VALID')
+  params = models.unbox(stem.init(jax.random.key(0), images))
+  params = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape), params)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+      jnp.shape, conv.init(jax.random.key(0), images))
+  ours, released = stem.apply(params, images), conv.apply(params, images)
+  assert ours.shape == released.shape == (2, 2, 3, 5)
+  assert relative_error(ours, released) < 1e-6
+
+
 def test_prelogits_are_pooled_features():
   model = models.MlpMixer(num_classes=3, patch_size=4, hidden_dim=8, num_blocks=1,
                           tokens_mlp_dim=4, channels_mlp_dim=16)

@@ -105,7 +105,7 @@ def _time(fn) -> tuple[float, float]:
   return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def _batch(setup: trainer_setup.Setup) -> dict[str, jax.Array]:
+def device_batch(setup: trainer_setup.Setup) -> dict[str, jax.Array]:
   config = setup.config
   size, n = config.image_size, config.batch_size
   batch_sharding = sharding.batch_sharding(setup.mesh)
@@ -141,7 +141,7 @@ def run(config: ml_collections.ConfigDict, modes=('forward', 'train'), steps: in
   devices = setup.mesh.devices.size
   per_image = forward_flops(setup.model, config.image_size)
   peak = peak or peak_flops_per_device(config.model_dtype)
-  batch = _batch(setup)
+  batch = device_batch(setup)
   results = []
   common = {
       'model': config.model.name, 'image_size': config.image_size,

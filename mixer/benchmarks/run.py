@@ -10,6 +10,9 @@
            scanned/unscanned compile-time ratio
   cache    first vs second start with the persistent compile cache (compile_bench)
   e2e      the trainer on 'synthetic' data vs the bare train step   (e2e_bench)
+  profile  where the train step's device time goes: a jax.profiler trace,
+           summed per op category and per op (profile_bench; not in
+           the default list: the CPU backend records no device ops)
   deploy   exported formats: file size, batch-1 latency, batch-32
            throughput, top-1 agreement with JAX (deploy_bench; not in
            the default list: about 27 min for B/16 on 2 cores)
@@ -30,10 +33,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 
 from absl import app, flags
 
-_ALL = ('input', 'forward', 'train', 'compile', 'cache', 'e2e', 'deploy')
+_ALL = ('input', 'forward', 'train', 'compile', 'cache', 'e2e', 'profile', 'deploy')
 _KINDS = _ALL[:4] + ('scan_vs_unscanned',) + _ALL[4:]  # Record kinds, in table order.
 _DEFAULT = ('input', 'forward', 'train', 'compile', 'cache', 'e2e')
 
@@ -57,6 +61,10 @@ _TOPOLOGY = flags.DEFINE_string(
     'topology', None, '`compile` for this TPU slice (e.g. v3-256; needs libtpu) instead of '
     '--devices.')
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Classes of the head (21843: i21k).')
+_PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 5, 'Traced train steps of `profile`.')
+_PROFILE_DIR = flags.DEFINE_string(
+    'profile_dir', 'bench_profile', '`profile` writes one trace folder per combination here '
+    '(TensorBoard / Perfetto).')
 _OUT = flags.DEFINE_string('out', 'bench_results.jsonl', 'JSON lines output file.')
 
 # Columns of the readable table, per benchmark: (header, record key).
@@ -82,6 +90,10 @@ _COLUMNS = {
     'cache': [('1st cpu s', 'first_start_compile_cpu_seconds'),
               ('2nd cpu s', 'second_start_compile_cpu_seconds'),
               ('2nd/1st', 'second_over_first'), ('target', 'target_second_over_first')],
+    'profile': [('ms/step', 'step_seconds'), ('device ms', 'device_ms_per_step'),
+                *[(f'{c} %', f'{c}_pct') for c in (
+                    'matmul', 'convolution', 'elementwise', 'reduction', 'copy/layout',
+                    'memcpy', 'other')]],
     'deploy': [('format', 'format'), ('MiB', 'file_mib'), ('b1 ms', 'batch1_latency_ms'),
                ('b32 img/s', 'batch32_img_per_s'), ('top1=jax', 'top1_agreement_with_jax')],
     'e2e': [('trainer img/s/dev', 'trainer_img_per_sec_per_device'),
@@ -125,6 +137,17 @@ def format_table(records: list[dict]) -> str:
   return '\n\n'.join(blocks)
 
 
+def format_top_ops(record: dict) -> str:
+  """The largest device ops of a `profile` record, one per line."""
+  lines = [f'Top device ops, {record["model"]} batch {record["batch_size"]} '
+           f'({record["device_kind"]}; trace: {record["trace_dir"]}):',
+           f'{"ms/step":>8}  {"calls":>5}  {"category":<14}  op']
+  for op in record['top_ops']:
+    lines.append(f'{op["ms_per_step"]:8.3f}  {op["calls_per_step"]:5g}  {op["category"]:<14}  '
+                 f'{op["op"][:100]}')
+  return '\n'.join(lines)
+
+
 def _bool(text: str) -> bool:
   if text.lower() not in ('true', 'false'):
     raise app.UsageError(f'--scan_blocks takes true/false values, got {text!r}.')
@@ -136,8 +159,9 @@ def main(argv):
   unknown = set(_BENCHMARKS.value) - set(_ALL)
   if unknown:
     raise app.UsageError(f'Unknown benchmark(s) {sorted(unknown)}; choose from {_ALL}.')
-  # Imported here so `--help` and flag errors come back fast.
-  from mixer.benchmarks import compile_bench, deploy_bench, e2e_bench, input_bench, model_bench  # pylint: disable=g-import-not-at-top
+  # Each benchmark's module is imported only when chosen: `--help` and flag errors come back
+  # fast, and forward/train need neither TF nor clu (a bare GPU image has jax and flax only).
+  # pylint: disable=g-import-not-at-top
 
   combos = [dict(model=m, batch_size=int(b), image_size=int(s), dtype=_DTYPE.value,
                  scan_blocks=_bool(scan), remat=r, num_classes=_NUM_CLASSES.value)
@@ -153,14 +177,18 @@ def main(argv):
       out.flush()
 
     if 'input' in chosen:
+      from mixer.benchmarks import input_bench
       emit(input_bench.run(num_images=_INPUT_IMAGES.value))
     modes = tuple(m for m in ('forward', 'train') if m in chosen)
     if modes:
+      from mixer.benchmarks import model_bench
       peak = model_bench.peak_flops_per_device(_DTYPE.value)  # Once: same peak for every row.
       for kwargs in combos:
         for record in model_bench.run(model_bench.bench_config(**kwargs), modes,
                                       steps=_STEPS.value, repeats=_REPEATS.value, peak=peak):
           emit(record)
+    if 'compile' in chosen or 'cache' in chosen:
+      from mixer.benchmarks import compile_bench
     if 'compile' in chosen:
       compiled = []
       if _TOPOLOGY.value:
@@ -174,14 +202,25 @@ def main(argv):
     if 'cache' in chosen:
       emit(compile_bench.persistent_cache(combos[0]))
     if 'e2e' in chosen:
+      from mixer.benchmarks import e2e_bench
       for kwargs in combos:
         emit(e2e_bench.run(steps=_E2E_STEPS.value, log_every=max(1, _E2E_STEPS.value // 4),
                            **kwargs))
+    if 'profile' in chosen:
+      from mixer.benchmarks import model_bench, profile_bench
+      for index, kwargs in enumerate(combos):
+        emit(profile_bench.run(model_bench.bench_config(**kwargs),
+                               os.path.join(_PROFILE_DIR.value, str(index)),
+                               steps=_PROFILE_STEPS.value))
     if 'deploy' in chosen:
+      from mixer.benchmarks import deploy_bench
       for kwargs in combos:
         for record in deploy_bench.run(model_name=kwargs['model'], image_size=kwargs['image_size']):
           emit(record)
   print(format_table(records))
+  for record in records:
+    if record.get('top_ops'):
+      print(f'\n{format_top_ops(record)}')
   print(f'\nJSON lines: {_OUT.value}')
 
 

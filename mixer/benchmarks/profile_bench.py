@@ -1,0 +1,142 @@
+"""Where a train step's device time goes: a profiler trace of the trainer's step, summed per op.
+
+  python -m mixer.benchmarks.run --benchmarks=profile --models=Mixer-B_16 --batch_sizes=256 \\
+      --dtype=bfloat16
+
+Compiles the trainer's train step (`trainer_setup`, as `model_bench` does), runs
+it once to warm up, then traces `steps` steps with `jax.profiler` (the same
+trace `config.profile_steps` writes during a training run). The Perfetto trace
+it writes (`perfetto_trace.json.gz`, kept in `trace_dir` with the TensorBoard
+one) is read back and every device op's time is summed: per category (matmul,
+convolution, elementwise, reduction, transpose/copy, memcpy, other) and per op,
+the largest first. That table says what to fix: the matmuls are the useful
+work, everything else is overhead around them.
+
+Device ops are the kernels on the GPU streams, or the "XLA Ops" line of a TPU;
+the CPU backend records no per-op device events, so there only the step time
+and the trace come back.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from mixer import trainer_setup
+from mixer.benchmarks import model_bench
+
+# First match wins: a cuDNN convolution kernel's name holds 'gemm' ('implicit_gemm'), and
+# 'conv' alone would match every 'convert' fusion. 'copy/layout' is data movement with no
+# arithmetic: transposes, copies, fills (broadcast) and the stacking (dynamic-update-slice)
+# of scanned blocks.
+_CATEGORIES = (
+    ('memcpy', ('memcpy', 'memset')),
+    ('convolution', ('convolution', 'fprop', 'dgrad', 'wgrad', 'cudnn', 'implicit_gemm')),
+    ('matmul', ('gemm', 'xmma', 'nvjet', 'cutlass', 'cublas', 'dot', 'matmul')),
+    ('copy/layout', ('transpose', 'copy', 'dynamic_update_slice', 'dynamic_slice', 'broadcast',
+                     'concatenate', 'pad')),
+    ('reduction', ('reduce', 'reduction')),
+    ('elementwise', ('fusion', 'loop_', 'add', 'multiply', 'convert', 'select')),
+)
+CATEGORY_NAMES = tuple(name for name, _ in _CATEGORIES) + ('other',)
+
+
+def category(op_name: str) -> str:
+  """The category of a device op (a kernel or an HLO op name)."""
+  lowered = op_name.lower()
+  for name, keys in _CATEGORIES:
+    if any(key in lowered for key in keys):
+      return name
+  return 'other'
+
+
+def device_op_times(trace: dict | list) -> dict[str, tuple[float, int]]:
+  """{op name: (total microseconds, count)} over a Perfetto/Chrome trace's device ops.
+
+  Device processes are those named '/device:...' (not the host, not the
+  'CUSTOM' ones). On a GPU the kernels are on 'Stream #...' lines; a TPU's ops
+  on its 'XLA Ops' line. Other device lines (e.g. 'XLA Modules') summarise the
+  same time and are not counted again.
+  """
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  processes, threads = {}, {}
+  for event in events:
+    if event.get('ph') != 'M':
+      continue
+    if event.get('name') == 'process_name':
+      processes[event.get('pid')] = event['args'].get('name', '')
+    elif event.get('name') == 'thread_name':
+      threads[(event.get('pid'), event.get('tid'))] = event['args'].get('name', '')
+  devices = {pid for pid, name in processes.items()
+             if name.startswith('/device:') and 'CUSTOM' not in name}
+  lines = {key: name for key, name in threads.items() if key[0] in devices}
+  streams = {key for key, name in lines.items() if name.startswith('Stream')}
+  chosen = streams or {key for key, name in lines.items() if name == 'XLA Ops'}
+  totals = collections.defaultdict(lambda: [0.0, 0])
+  for event in events:
+    if event.get('ph') == 'X' and (event.get('pid'), event.get('tid')) in chosen:
+      total = totals[event.get('name', '?')]
+      total[0] += float(event.get('dur', 0.0))
+      total[1] += 1
+  return {name: (total[0], total[1]) for name, total in totals.items()}
+
+
+def summarize(op_times: dict[str, tuple[float, int]], steps: int, top: int = 15) -> dict[str, Any]:
+  """Milliseconds per step: device total, per category (with shares) and the `top` ops."""
+  if not op_times:
+    return {'device_ms_per_step': None}
+  per_category = dict.fromkeys(CATEGORY_NAMES, 0.0)
+  for name, (micros, _) in op_times.items():
+    per_category[category(name)] += micros
+  total = sum(per_category.values())
+  ranked = sorted(op_times.items(), key=lambda item: -item[1][0])[:top]
+  return {
+      'device_ms_per_step': round(total / 1000 / steps, 3),
+      **{f'{name}_pct': round(100 * micros / total, 1) for name, micros in per_category.items()},
+      'top_ops': [{'op': name, 'category': category(name),
+                   'ms_per_step': round(micros / 1000 / steps, 3),
+                   'calls_per_step': round(count / steps, 1)}
+                  for name, (micros, count) in ranked]}
+
+
+def read_trace(trace_dir: str) -> dict | list | None:
+  """The newest Perfetto trace under `trace_dir`, or None if the profiler wrote none."""
+  paths = sorted(glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
+                           recursive=True), key=os.path.getmtime)
+  if not paths:
+    return None
+  with gzip.open(paths[-1], 'rt', encoding='utf-8') as f:
+    return json.load(f)
+
+
+def run(config: ml_collections.ConfigDict, trace_dir: str, steps: int = 5) -> dict[str, Any]:
+  """Traces `steps` train steps of `config` (built with `model_bench.bench_config`)."""
+  setup = trainer_setup.build(config)
+  batch = model_bench.device_batch(setup)
+  state = setup.create_state()
+  compiled = trainer_setup.compile_train_step(setup)
+  state, metrics = compiled(state, batch, setup.dropout_rng)  # Warm-up, outside the trace.
+  jax.block_until_ready(metrics)
+  jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch, setup.dropout_rng)
+  jax.block_until_ready(metrics)
+  seconds = (time.perf_counter() - start) / steps
+  jax.profiler.stop_trace()
+  trace = read_trace(trace_dir)
+  return {
+      'benchmark': 'profile', 'model': config.model.name, 'image_size': config.image_size,
+      'batch_size': config.batch_size, 'dtype': config.model_dtype,
+      'scan_blocks': bool(config.model.scan_blocks), 'remat': config.model.remat,
+      'device_kind': jax.devices()[0].device_kind, 'steps': steps,
+      'step_seconds': round(seconds, 4), 'trace_dir': trace_dir,
+      **summarize(device_op_times(trace) if trace is not None else {}, steps)}
