@@ -38,7 +38,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mixer import transfer_tasks
+from mixer import paths, transfer_tasks
 
 RESULT_FILE = 'result.json'
 PREEMPTED_EXIT = 75  # As mixer.main: "stopped with a checkpoint, rerun the same command".
@@ -96,19 +96,20 @@ def _lr_name(lr: float) -> str:
 
 
 def read_final_metrics(workdir: str, total_steps: int) -> dict[str, float] | None:
-  """Metrics written at `total_steps` in `workdir`/metrics.jsonl, or None if not reached."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return None
-  merged: dict[str, float] = {}
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        record = json.loads(line)
-        if record.get('step') == total_steps:
-          merged.update(record)
-  return merged or None
+  """Metrics written at `total_steps` in `workdir`/metrics.jsonl, or None if not reached.
+
+  Read as the trainer's own reader does (`reporting.read_metrics`): a bucket
+  workdir's not yet merged parts count, a line cut by a crash is skipped.
+  """
+  from mixer import reporting  # pylint: disable=g-import-not-at-top  (TF: only to read runs)
+  series = reporting.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  final = {name: value for name, points in series.items()
+           for step, value in points if step == total_steps}
+  return {'step': total_steps, **final} if final else None
+
+
+def _write_text(path: str, text: str) -> None:
+  paths.atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 
 def select(grid: Sequence[tuple[float, dict[str, float]]]) -> tuple[float, dict[str, float]]:
@@ -195,18 +196,15 @@ def run_task(task_name: str, *, root: str, make_arg: Callable[[str, float, bool]
   def finished(run: Run):
     config = build(run.config_arg)
     marker = os.path.join(run.workdir, RUN_FILE)
-    if os.path.exists(marker):
-      with open(marker) as f:
-        made_for = json.load(f).get('config')
+    if paths.exists(marker):
+      made_for = json.loads(paths.read_bytes(marker)).get('config')
       if made_for != run.config_arg:
         raise ValueError(f'{run.workdir} holds a run of --config={made_for}, not of '
                          f'{run.config_arg}: give this sweep another --workdir.')
     metrics_dir = os.path.join(run.workdir, runner.subdir)
     metrics = read_final_metrics(metrics_dir, runner.last_step(config))
     if metrics is None and runner.train is not None:
-      os.makedirs(run.workdir, exist_ok=True)
-      with open(marker, 'w') as f:
-        json.dump({'config': run.config_arg}, f)
+      _write_text(marker, json.dumps({'config': run.config_arg}))
       print_fn(f'[{task.name}] training lr={run.lr:g}{" (final)" if run.final else ""} in '
                f'{run.workdir}')
       runner.train(config, run.workdir)
@@ -241,9 +239,7 @@ def run_task(task_name: str, *, root: str, make_arg: Callable[[str, float, bool]
       if final is not None:
         result['test_accuracy'] = final.get('test/accuracy')
   if result['test_accuracy'] is not None:
-    os.makedirs(task_root, exist_ok=True)
-    with open(os.path.join(task_root, RESULT_FILE), 'w') as f:
-      json.dump(result, f, indent=1)
+    _write_text(os.path.join(task_root, RESULT_FILE), json.dumps(result, indent=1))
   return result, pending
 
 
@@ -256,10 +252,8 @@ def sweep(task_names: Sequence[str], *, root: str, make_arg, build, runner: Runn
                                    runner=runner, print_fn=print_fn, variant=variant,
                                    res=res)
     pending += todo
-    os.makedirs(root, exist_ok=True)
     # Written after each task, so a long sweep shows its progress.
-    with open(os.path.join(root, TABLE_FILE), 'w') as f:
-      f.write(format_table(results, variant, res))
+    _write_text(os.path.join(root, TABLE_FILE), format_table(results, variant, res))
   return results, pending
 
 
@@ -395,8 +389,7 @@ def main(argv=None) -> int:
   if pending:
     print(f'# {len(pending)} run(s) to go; VTAB final runs are listed once their grid is done. '
           'Rerun this sweep to collect.', file=sys.stderr)
-  with open(os.path.join(args.workdir, TABLE_FILE)) as f:
-    print(f.read(), end='')
+  print(paths.read_bytes(os.path.join(args.workdir, TABLE_FILE)).decode('utf-8'), end='')
   return 0
 
 

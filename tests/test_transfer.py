@@ -7,6 +7,7 @@ averages table and the command line. Slow: a real sweep on the embedded
 digits (a test-only registry entry, tiny model), resumed without retraining.
 """
 
+import glob
 import json
 import os
 import pathlib
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mixer import config_lib, sweep, transfer_tasks
+from mixer import config_lib, paths, reporting, sweep, transfer_tasks
 from mixer.datasets import vtab
 
 CONFIG = pathlib.Path(__file__).resolve().parent.parent / 'configs' / 'transfer.py'
@@ -153,6 +154,27 @@ def test_final_metrics_come_from_the_last_step(tmp_path):
   assert sweep.read_final_metrics(str(tmp_path), 100) == {
       'step': 100, 'train/loss': 0.1, 'val/accuracy': 0.5, 'test/accuracy': 0.4}
   assert sweep.read_final_metrics(str(tmp_path), 200) is None  # Not finished: run (or resume).
+
+
+def test_final_metrics_skip_a_line_cut_by_a_crash(tmp_path):
+  _metrics(str(tmp_path), 100, **{'val/accuracy': 0.5, 'test/accuracy': 0.4})
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 100, "val/accur')  # A kill in the middle of a write.
+  assert sweep.read_final_metrics(str(tmp_path), 100)['val/accuracy'] == 0.5
+
+
+def test_final_metrics_of_a_bucket_run_include_its_unmerged_parts(tmp_path, monkeypatch):
+  """A gs:// run's last lines sit in `.part-` objects until it closes its writer."""
+  monkeypatch.setattr(paths, 'is_remote', lambda path: True)  # Local files through tf.io.gfile.
+  monkeypatch.setattr(reporting, '_REMOTE_FLUSH_SECONDS', 0.0)
+  path = str(tmp_path / 'metrics.jsonl')
+  writer = reporting.JsonlWriter(path)
+  writer.write_scalars(50, {'val/accuracy': 0.3})
+  writer.write_scalars(100, {'val/accuracy': 0.5, 'test/accuracy': 0.4})
+  assert glob.glob(path + '.part-*')
+  assert sweep.read_final_metrics(str(tmp_path), 100) == {
+      'step': 100, 'val/accuracy': 0.5, 'test/accuracy': 0.4}
+  writer.close()
 
 
 def test_vtab_table_from_collected_runs(tmp_path):
