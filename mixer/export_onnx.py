@@ -33,12 +33,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mixer import surgery
+from mixer import models, surgery
 
 OPSET = 17
 INPUT_NAME = 'images'
 OUTPUT_NAME = 'logits'
-_LAYER_NORM_EPSILON = 1e-6  # As mixer.models._layer_norm.
 # A serialized protobuf must stay under 2 GiB; the graph itself adds a few kB.
 _PROTOBUF_LIMIT = 2**31 - 2**24
 
@@ -70,7 +69,7 @@ def _layer_norm(g: _Graph, x: str, params: dict, prefix: str) -> str:
   scale = g.const(f'{prefix}/scale', _f32(params['scale']))
   bias = g.const(f'{prefix}/bias', _f32(params['bias']))
   return g.op('LayerNormalization', x, scale, bias, name=prefix, axis=-1,
-              epsilon=_LAYER_NORM_EPSILON)
+              epsilon=models.LAYER_NORM_EPSILON)
 
 
 def _gelu(g: _Graph, x: str, consts: dict[str, str]) -> str:

@@ -84,9 +84,12 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
 
 
+LAYER_NORM_EPSILON = 1e-6  # The released models'; mixer.export_onnx builds the same LayerNorm.
+
+
 def _layer_norm(dtype, name=None):
   return nn.LayerNorm(
-      epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name,
+      epsilon=LAYER_NORM_EPSILON, dtype=dtype, param_dtype=jnp.float32, name=name,
       scale_init=_partitioned(nn.initializers.ones, (EMBED,)),
       bias_init=_partitioned(nn.initializers.zeros, (EMBED,)))
 
