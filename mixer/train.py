@@ -318,6 +318,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       if profile_steps and step == profile_steps[1] and jax.process_index() == 0:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
+        logging.info('Profile of steps %d-%d written to %s (TensorBoard); device time per op: '
+                     'python -m mixer.benchmarks.profile_bench --trace_dir=%s --steps=%d',
+                     profile_steps[0] + 1, step, os.path.join(workdir, 'profile'),
+                     os.path.join(workdir, 'profile'), step - profile_steps[0])
 
       is_last = step == config.total_steps
       if progress.should_fetch(step):  # The first step, log steps and the last.

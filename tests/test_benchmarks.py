@@ -242,3 +242,25 @@ def test_profile_traces_the_train_step(tmp_path):
   assert record['benchmark'] == 'profile' and record['step_seconds'] > 0
   assert profile_bench.read_trace(str(tmp_path / 'trace')) is not None
   assert record['device_ms_per_step'] is None  # CPU: no device lines in the trace.
+
+
+def test_profile_cli_sums_a_training_runs_trace(tmp_path):
+  """`config.profile_steps` leaves plugins/profile/<time>/<host>.trace.json.gz in the workdir."""
+  run_folder = tmp_path / 'profile' / 'plugins' / 'profile' / '2026_11_26_09_28_00'
+  run_folder.mkdir(parents=True)
+  with open(_H100_TRACE, 'rb') as src, open(run_folder / 'h100.trace.json.gz', 'wb') as dst:
+    dst.write(src.read())
+  (tmp_path / 'profile' / 'plugins' / 'profile' / '2026_11_26_09_00_00').mkdir()  # Older, empty.
+  done = subprocess.run(
+      [sys.executable, '-m', 'mixer.benchmarks.profile_bench',
+       f'--trace_dir={tmp_path / "profile"}', '--steps=3', '--top=3'],
+      capture_output=True, text=True, cwd=multidevice.REPO, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  lines = done.stdout.strip().splitlines()
+  assert lines[0].startswith('device time: 65.531 ms per step (') and 'matmul 44.1%' in lines[0]
+  assert len(lines) == 2 + 3 and 'nvjet' in lines[2]
+  empty = subprocess.run(
+      [sys.executable, '-m', 'mixer.benchmarks.profile_bench', f'--trace_dir={tmp_path}'],
+      capture_output=True, text=True, cwd=multidevice.REPO, timeout=300, check=False)
+  assert empty.returncode == 2
+  assert empty.stderr.strip().splitlines()[-1].startswith(f'error: {tmp_path} holds no plugins')

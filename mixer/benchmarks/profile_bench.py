@@ -5,30 +5,35 @@
 
 Compiles the trainer's train step (`trainer_setup`, as `model_bench` does), runs
 it once to warm up, then traces `steps` steps with `jax.profiler` (the same
-trace `config.profile_steps` writes during a training run). The Perfetto trace
-it writes (`perfetto_trace.json.gz`, kept in `trace_dir` with the TensorBoard
-one) is read back and every device op's time is summed: per category (matmul,
-convolution, elementwise, reduction, transpose/copy, memcpy, other) and per op,
-the largest first. That table says what to fix: the matmuls are the useful
-work, everything else is overhead around them.
+trace `config.profile_steps` writes during a training run). The trace, kept in
+`trace_dir` for TensorBoard or Perfetto, is read back
+(`plugins/profile/<time>/<host>.trace.json.gz`) and every device op's time is
+summed: per category (matmul, convolution, elementwise, reduction, copy/layout,
+memcpy, other) and per op, the largest first. That table says what to fix: the
+matmuls are the useful work, everything else is overhead around them.
 
 Device ops are the kernels on the GPU streams, or the "XLA Ops" line of a TPU;
 the CPU backend records no per-op device events, so there only the step time
 and the trace come back.
+
+A training run's own trace (`config.profile_steps=(start, stop)` writes it to
+`<workdir>/profile`) is summed the same way:
+
+  python -m mixer.benchmarks.profile_bench --trace_dir=WORKDIR/profile --steps=STOP-START
 """
 
 from __future__ import annotations
 
 import collections
-import glob
 import gzip
 import json
-import os
+import sys
 import time
 from typing import Any
 
 import jax
 import ml_collections
+from absl import app, flags
 
 from mixer import trainer_setup
 from mixer.benchmarks import model_bench
@@ -108,13 +113,19 @@ def summarize(op_times: dict[str, tuple[float, int]], steps: int, top: int = 15)
 
 
 def read_trace(trace_dir: str) -> dict | list | None:
-  """The newest Perfetto trace under `trace_dir`, or None if the profiler wrote none."""
-  paths = sorted(glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
-                           recursive=True), key=os.path.getmtime)
-  if not paths:
-    return None
-  with gzip.open(paths[-1], 'rt', encoding='utf-8') as f:
-    return json.load(f)
+  """The newest trace under `trace_dir` (local or gs://), or None if the profiler wrote none.
+
+  jax.profiler writes `plugins/profile/<time>/<host>.trace.json.gz` (Chrome
+  trace format; `create_perfetto_trace=True` adds `perfetto_trace.json.gz`,
+  the same events). The newest run's folder is read, and where several hosts
+  wrote into it, the first host's file.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top  (gs:// as well as local)
+  for folder in sorted(epath.Path(trace_dir).glob('plugins/profile/*'), reverse=True):
+    files = sorted(folder.glob('*.trace.json.gz')) or sorted(folder.glob('perfetto_trace.json.gz'))
+    if files:
+      return json.loads(gzip.decompress(files[0].read_bytes()))
+  return None
 
 
 def run(config: ml_collections.ConfigDict, trace_dir: str, steps: int = 5) -> dict[str, Any]:
@@ -125,7 +136,7 @@ def run(config: ml_collections.ConfigDict, trace_dir: str, steps: int = 5) -> di
   compiled = trainer_setup.compile_train_step(setup)
   state, metrics = compiled(state, batch, setup.dropout_rng)  # Warm-up, outside the trace.
   jax.block_until_ready(metrics)
-  jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+  jax.profiler.start_trace(trace_dir)
   start = time.perf_counter()
   for _ in range(steps):
     state, metrics = compiled(state, batch, setup.dropout_rng)
@@ -140,3 +151,50 @@ def run(config: ml_collections.ConfigDict, trace_dir: str, steps: int = 5) -> di
       'device_kind': jax.devices()[0].device_kind, 'steps': steps,
       'step_seconds': round(seconds, 4), 'trace_dir': trace_dir,
       **summarize(device_op_times(trace) if trace is not None else {}, steps)}
+
+
+def format_top_ops(top_ops: list[dict[str, Any]]) -> str:
+  """`summarize`'s largest ops, one per line."""
+  lines = [f'{"ms/step":>8}  {"calls":>5}  {"category":<14}  op']
+  for op in top_ops:
+    lines.append(f'{op["ms_per_step"]:8.3f}  {op["calls_per_step"]:5g}  {op["category"]:<14}  '
+                 f'{op["op"][:100]}')
+  return '\n'.join(lines)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  """Device time per step, its share per category, and the largest ops."""
+  ranked = sorted(CATEGORY_NAMES, key=lambda name: -summary[f'{name}_pct'])
+  shares = ', '.join(f'{name} {summary[f"{name}_pct"]}%' for name in ranked
+                     if summary[f'{name}_pct'])
+  return (f'device time: {summary["device_ms_per_step"]} ms per step ({shares})\n'
+          + format_top_ops(summary['top_ops']))
+
+
+def main(argv, trace_dir: str, steps: int, top: int) -> int:
+  """Prints the summary of the trace in `trace_dir`; 2 with an `error:` line if there is none."""
+  del argv
+  trace = read_trace(trace_dir) if trace_dir else None
+  summary = summarize(device_op_times(trace), steps, top=top) if trace is not None else None
+  if not trace_dir:
+    problem = '--trace_dir is required, e.g. --trace_dir=WORKDIR/profile.'
+  elif trace is None:
+    problem = (f'{trace_dir} holds no plugins/profile/*/*.trace.json.gz: pass the folder given '
+               'to jax.profiler (config.profile_steps writes <workdir>/profile).')
+  elif summary['device_ms_per_step'] is None:
+    problem = (f'{trace_dir}: the trace has no device ops (a CPU run records none); profile on '
+               'a GPU or TPU.')
+  else:
+    print(format_summary(summary))
+    return 0
+  print(f'error: {problem}', file=sys.stderr)
+  return 2
+
+
+if __name__ == '__main__':
+  # Defined here, not at import: `mixer.benchmarks.run` imports this module and has a --steps.
+  _TRACE_DIR = flags.DEFINE_string('trace_dir', None, 'A folder jax.profiler wrote, e.g. '
+                                   '<workdir>/profile (config.profile_steps).')
+  _STEPS = flags.DEFINE_integer('steps', 1, 'How many train steps the trace holds.')
+  _TOP = flags.DEFINE_integer('top', 15, 'How many of the largest ops to list.')
+  app.run(lambda argv: sys.exit(main(argv, _TRACE_DIR.value, _STEPS.value, _TOP.value)))

@@ -137,17 +137,6 @@ def format_table(records: list[dict]) -> str:
   return '\n\n'.join(blocks)
 
 
-def format_top_ops(record: dict) -> str:
-  """The largest device ops of a `profile` record, one per line."""
-  lines = [f'Top device ops, {record["model"]} batch {record["batch_size"]} '
-           f'({record["device_kind"]}; trace: {record["trace_dir"]}):',
-           f'{"ms/step":>8}  {"calls":>5}  {"category":<14}  op']
-  for op in record['top_ops']:
-    lines.append(f'{op["ms_per_step"]:8.3f}  {op["calls_per_step"]:5g}  {op["category"]:<14}  '
-                 f'{op["op"][:100]}')
-  return '\n'.join(lines)
-
-
 def _bool(text: str) -> bool:
   if text.lower() not in ('true', 'false'):
     raise app.UsageError(f'--scan_blocks takes true/false values, got {text!r}.')
@@ -220,7 +209,10 @@ def main(argv):
   print(format_table(records))
   for record in records:
     if record.get('top_ops'):
-      print(f'\n{format_top_ops(record)}')
+      from mixer.benchmarks import profile_bench
+      print(f'\nTop device ops, {record["model"]} batch {record["batch_size"]} '
+            f'({record["device_kind"]}; trace: {record["trace_dir"]}):')
+      print(profile_bench.format_top_ops(record['top_ops']))
   print(f'\nJSON lines: {_OUT.value}')
 
 
