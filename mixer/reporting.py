@@ -71,6 +71,11 @@ def _metrics_parts(path: str) -> list[str]:
   return sorted(tf.io.gfile.glob(path + _PART + '*'))
 
 
+def _metrics_to_handle(path: str) -> bool:
+  """Whether this process tends the metrics file: process 0, once the file or a part exists."""
+  return jax.process_index() == 0 and bool(tf.io.gfile.exists(path) or _metrics_parts(path))
+
+
 def metrics_lines(path: str) -> list[str]:
   """The lines of `metrics.jsonl`, followed by those of its not yet merged bucket parts."""
   lines = []
@@ -105,7 +110,7 @@ def drop_metrics_after(workdir: str, step: int) -> None:
   appear twice. Lines that are not metrics records are left as they are.
   """
   path = os.path.join(workdir, METRICS_FILE)
-  if jax.process_index() != 0 or not (tf.io.gfile.exists(path) or _metrics_parts(path)):
+  if not _metrics_to_handle(path):
     return
   lines = metrics_lines(path)
   dropped = sum(1 for line in lines if (_step_of(line) or 0) > step)
@@ -123,7 +128,7 @@ def set_aside_metrics(workdir: str) -> str | None:
   tool: kept, but out of the way of this run's steps. Returns the new name.
   """
   path = os.path.join(workdir, METRICS_FILE)
-  if jax.process_index() != 0 or not (tf.io.gfile.exists(path) or _metrics_parts(path)):
+  if not _metrics_to_handle(path):
     return None
   if _metrics_parts(path):
     _merge_metrics(path)
@@ -707,7 +712,7 @@ def plot_curves(workdir: str, schedule_fn: Callable[[Any], Any] | None = None,
   or before anything plottable was logged.
   """
   path = os.path.join(workdir, METRICS_FILE)
-  if jax.process_index() != 0 or not (tf.io.gfile.exists(path) or _metrics_parts(path)):
+  if not _metrics_to_handle(path):
     return None
   series = read_metrics(path)
   last_step = max((points[-1][0] for points in series.values()), default=0)

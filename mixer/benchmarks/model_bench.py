@@ -106,6 +106,11 @@ def _time(fn) -> tuple[float, float]:
 
 
 def device_batch(setup: trainer_setup.Setup) -> dict[str, jax.Array]:
+  """A fixed batch of the config's shape on the devices: uniform images, one-hot labels.
+
+  The 'synthetic' dataset makes the same batch on the host, but its module
+  imports TF, and the device benchmarks run where only jax and flax are.
+  """
   config = setup.config
   size, n = config.image_size, config.batch_size
   batch_sharding = sharding.batch_sharding(setup.mesh)
