@@ -15,6 +15,7 @@ import pathlib
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from mixer import config_lib, paths, reporting, sweep, transfer_tasks
 from mixer.datasets import vtab
@@ -138,6 +139,27 @@ def _metrics(workdir, step, **values):
     f.write(json.dumps({'step': step // 2, 'val/accuracy': 0.99}) + '\n')  # Not the last step.
     f.write(json.dumps({'step': step, 'train/loss': 0.1}) + '\n')
     f.write(json.dumps({'step': step, **values}) + '\n')
+
+
+@pytest.mark.parametrize('task', ['dsprites_orientation', 'smallnorb_azimuth'])
+def test_vtab_source_reads_the_tasks_label_of_each_tfds_example(task):
+  """TFDS's mock examples (made from the dataset's features) through VtabSource.read."""
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = vtab.VtabSource(task, None)
+    assert source.name == source.task.tfds and source.num_classes == source.task.num_classes
+    examples = list(source.read('train').as_numpy_iterator())
+    raw = list(tfds.builder(source.task.tfds).as_dataset(
+        split='train', shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(add_tfds_id=True)).as_numpy_iterator())
+  assert len(examples) == len(raw) == 6
+  for example, original in zip(examples, raw):
+    assert example['source_id'] == original['tfds_id']
+    expected = min(int(vtab.LABELS[task](original)), source.num_classes - 1)
+    assert example['label'].tolist() == [expected]
+    pixels = tf.io.decode_png(example['image']).numpy()
+    if task.startswith('dsprites'):  # Real dSprites pixels are 0/1: they become 0/255.
+      original_pixels = tf.io.decode_png(original['image']).numpy()
+      assert np.array_equal(pixels, np.minimum(original_pixels, 1) * 255)
 
 
 def test_selection_is_by_val_not_test():

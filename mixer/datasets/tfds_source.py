@@ -76,11 +76,16 @@ class TfdsSource(core.DataSource):
       raise ValueError(f'TFDS dataset {name!r} has no "image" feature '
                        f'(features: {list(features)}); it cannot be used for image '
                        'classification.')
-    self._label_key = next((k for k in _LABEL_KEYS if k in features), None)
-    if self._label_key is None:
-      raise ValueError(f'TFDS dataset {name!r} has none of the label features '
-                       f'{_LABEL_KEYS} (features: {list(features)}).')
+    self._label_key = self._find_label_key(features)
     self.has_real_labels = 'real_label' in features
+
+  def _find_label_key(self, features) -> str | None:
+    """The feature `read` takes the label from (a subclass may derive it instead: None)."""
+    key = next((k for k in _LABEL_KEYS if k in features), None)
+    if key is None:
+      raise ValueError(f'TFDS dataset {self.name!r} has none of the label features '
+                       f'{_LABEL_KEYS} (features: {list(features)}).')
+    return key
 
   @property
   def num_classes(self) -> int | None:
@@ -135,16 +140,14 @@ class TfdsSource(core.DataSource):
     return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
 
   def read(self, split, *, process_index=0, process_count=1) -> tf.data.Dataset:
-    label_key = self._label_key
-    has_real = self.has_real_labels
-
-    def convert(example):
-      out = {'image': example['image'],
-             'label': core.ensure_rank1_labels(example[label_key]),
-             'source_id': example['tfds_id']}
-      if has_real:
-        out['real_label'] = core.ensure_rank1_labels(example['real_label'])
-      return out
-
     ds = self._as_dataset(split, process_index, process_count)
-    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(self._convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def _convert(self, example) -> dict[str, tf.Tensor]:
+    """A TFDS example as the pipeline's {'image' (encoded), 'label', 'source_id'}."""
+    out = {'image': example['image'],
+           'label': core.ensure_rank1_labels(example[self._label_key]),
+           'source_id': example['tfds_id']}
+    if self.has_real_labels:
+      out['real_label'] = core.ensure_rank1_labels(example['real_label'])
+    return out

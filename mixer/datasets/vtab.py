@@ -15,7 +15,6 @@ object lists of any length.
 from __future__ import annotations
 
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from mixer import transfer_tasks
 from mixer.datasets import core, tfds_source
@@ -73,12 +72,11 @@ class VtabSource(tfds_source.TfdsSource):
       raise ValueError(f"Unknown VTAB label task {task_name!r} in 'vtab:{task_name}'; "
                        f'known: {sorted(LABELS)}.')
     self.task = transfer_tasks.get(task_name)
-    self.name = self.task.tfds  # What to prepare: messages name the TFDS dataset.
-    self._data_dir = data_dir
-    self._datasets = {}
-    self._builder = tfds.builder(self.task.tfds, data_dir=data_dir)
-    self._label_key = None
-    self.has_real_labels = False
+    # Named for the TFDS dataset: messages say what to prepare.
+    super().__init__(self.task.tfds, data_dir)
+
+  def _find_label_key(self, features) -> None:
+    return None  # The label is derived from other features (LABELS).
 
   @property
   def num_classes(self) -> int:
@@ -88,17 +86,10 @@ class VtabSource(tfds_source.TfdsSource):
   def class_names(self) -> list[str]:
     return [str(i) for i in range(self.task.num_classes)]
 
-  def read(self, split, *, process_index=0, process_count=1) -> tf.data.Dataset:
-    label_fn = LABELS[self.task.name]
-    top = self.task.num_classes - 1
-    fix_image = _dsprites_image if self.task.tfds.startswith('dsprites') else tf.identity
-
-    def convert(example):
-      label = tf.clip_by_value(label_fn(example), 0, top)
-      return {'image': fix_image(example['image']),
-              'label': core.ensure_rank1_labels(label),
-              'source_id': example['tfds_id']}
-
-    ds = self._as_dataset(split, process_index, process_count)
-    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
-
+  def _convert(self, example) -> dict[str, tf.Tensor]:
+    label = tf.clip_by_value(LABELS[self.task.name](example), 0, self.task.num_classes - 1)
+    image = example['image']
+    if self.task.tfds.startswith('dsprites'):
+      image = _dsprites_image(image)
+    return {'image': image, 'label': core.ensure_rank1_labels(label),
+            'source_id': example['tfds_id']}
