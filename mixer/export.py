@@ -71,10 +71,13 @@ class ExportError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Servable:
-  """Everything an exported model needs: weights adapted to `image_size`, and metadata."""
-  model: models.MlpMixer
-  params: dict[str, Any]
+class ServingInfo:
+  """What serving a model needs besides running it: its input, preprocessing and labels.
+
+  `Servable` (weights run with the Flax model) and `serving.Exported` (an exported
+  file run by its runtime) both carry it, so `mixer.predict` treats them alike
+  through `compiled_logits()`.
+  """
   image_size: int
   pp: str
   crop_fraction: float
@@ -83,7 +86,14 @@ class Servable:
 
   @property
   def num_classes(self) -> int:
-    return self.model.num_classes
+    return len(self.label_names)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Servable(ServingInfo):
+  """Everything an exported model needs: weights adapted to `image_size`, and metadata."""
+  model: models.MlpMixer
+  params: dict[str, Any]
 
   def logits(self, images: jax.Array) -> jax.Array:
     return self.model.apply({'params': self.params}, images, train=False)
@@ -159,8 +169,9 @@ def load_servable(weights: str, *, image_size: int | None = None,
       'labels': recorded,
       'weights': os.fspath(weights),
   })
-  return Servable(model, params, image_size, preprocessing['pp'],
-                  float(preprocessing['crop_fraction']), tuple(names), info)
+  return Servable(model=model, params=params, image_size=image_size, pp=preprocessing['pp'],
+                  crop_fraction=float(preprocessing['crop_fraction']),
+                  label_names=tuple(names), info=info)
 
 
 # -----------------------------------------------------------------------------

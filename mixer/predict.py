@@ -112,7 +112,7 @@ def predict(model_name: str | None, weights: str | os.PathLike[str],
     raise ValueError(f'image_size={image_size}: pass a positive size in pixels.')
   if backend == 'jax':
     servable = export.load_servable(os.fspath(weights), image_size=image_size, labels=labels)
-  else:  # Same fields, with `run` (the exported model) in place of `logits`.
+  else:  # The same ServingInfo, run by the exported file's runtime.
     servable = serving.load_exported(backend, os.fspath(weights), image_size=image_size,
                                      labels=labels)
   variant = servable.info['model']['name']
@@ -124,7 +124,7 @@ def predict(model_name: str | None, weights: str | os.PathLike[str],
   crop_fraction = servable.crop_fraction if crop_fraction is None else crop_fraction
   sigmoid = servable.info.get('loss') == 'sigmoid_xent'
   activation = jax.nn.sigmoid if sigmoid else jax.nn.softmax
-  logits = servable.compiled_logits() if backend == 'jax' else servable.run
+  logits = servable.compiled_logits()
 
   def apply(x):
     return activation(logits(x))

@@ -50,23 +50,14 @@ def read_info(backend: str, path: str) -> dict[str, Any]:
   return json.loads(paths.read_bytes(info_file))
 
 
-@dataclasses.dataclass(frozen=True)
-class Exported:
-  """An exported model ready to run, with what `mixer.predict` needs around it.
-
-  The same fields as `export.Servable` that predict reads, so predict treats
-  both alike: `run` takes the place of `Servable.logits`.
-  """
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Exported(export.ServingInfo):
+  """An exported model ready to run, with what `mixer.predict` needs around it."""
   run: Runner
-  image_size: int
-  pp: str
-  crop_fraction: float
-  label_names: tuple[str, ...]
-  info: dict[str, Any]
 
-  @property
-  def num_classes(self) -> int:
-    return len(self.label_names)
+  def compiled_logits(self) -> Runner:
+    """As `export.Servable.compiled_logits`: the exported model, already compiled."""
+    return self.run
 
 
 def load_exported(backend: str, path: str, *, image_size: int | None = None,
@@ -87,8 +78,9 @@ def load_exported(backend: str, path: str, *, image_size: int | None = None,
   names, _ = export.resolve_labels(labels if labels is not None else info['labels'],
                                    info['num_classes'],
                                    '--labels' if labels is not None else export.info_path(path))
-  return Exported(run, info['image_size'], info['preprocessing']['pp'],
-                  float(info['preprocessing']['crop_fraction']), tuple(names), info)
+  return Exported(run=run, image_size=info['image_size'], pp=info['preprocessing']['pp'],
+                  crop_fraction=float(info['preprocessing']['crop_fraction']),
+                  label_names=tuple(names), info=info)
 
 
 def _jax_runner(path: str) -> Runner:
