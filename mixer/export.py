@@ -70,7 +70,7 @@ class ExportError(ValueError):
   """An export that cannot be done as asked; the message says how to fix it."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ServingInfo:
   """What serving a model needs besides running it: its input, preprocessing and labels.
 

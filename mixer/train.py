@@ -309,6 +309,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
     while step < config.total_steps:
       if profile_steps and step == profile_steps[0] and jax.process_index() == 0:
+        jax.block_until_ready(state)  # Earlier steps still running would land in the trace.
         jax.profiler.start_trace(os.path.join(workdir, 'profile'))
       local_batch = next(train_iter)
       batch = sharding.put_local_batch(

@@ -187,7 +187,8 @@ def test_profile_sums_the_gpu_kernels_of_a_real_h100_trace():
   gpu_kernels = [e for e in events if e.get('ph') == 'X' and e.get('pid') == 1]
   host_events = [e for e in events if e.get('ph') == 'X' and e.get('pid') != 1]
   assert gpu_kernels and host_events
-  times = profile_bench.device_op_times(trace)
+  times, devices = profile_bench.device_op_times(trace)
+  assert devices == 1
   # Every kernel on the GPU stream and nothing from the host threads.
   assert sum(count for _, count in times.values()) == len(gpu_kernels)
   assert sum(micros for micros, _ in times.values()) == pytest.approx(
@@ -195,7 +196,7 @@ def test_profile_sums_the_gpu_kernels_of_a_real_h100_trace():
   summary = profile_bench.summarize(times, steps=3)
   shares = [summary[f'{name}_pct'] for name in profile_bench.CATEGORY_NAMES]
   assert sum(shares) == pytest.approx(100, abs=0.5)
-  assert 60 < summary['device_ms_per_step'] < 70  # The step took 66.6 ms in the same run.
+  assert 60 < summary['device_ms_per_step'] < 70  # The traced steps took 68.1 ms each.
   assert 40 < summary['matmul_pct'] < 50
   top = summary['top_ops'][0]
   assert top['category'] == 'matmul' and top['op'].startswith('nvjet')
@@ -217,22 +218,27 @@ def test_profile_categories(op, expected):
   assert profile_bench.category(op) == expected
 
 
-def test_profile_reads_a_tpu_xla_ops_line_and_skips_the_summary_lines():
-  trace = {'traceEvents': [
-      {'ph': 'M', 'name': 'process_name', 'pid': 3, 'args': {'name': '/device:TPU:0'}},
-      {'ph': 'M', 'name': 'thread_name', 'pid': 3, 'tid': 1, 'args': {'name': 'XLA Modules'}},
-      {'ph': 'M', 'name': 'thread_name', 'pid': 3, 'tid': 2, 'args': {'name': 'XLA Ops'}},
-      {'ph': 'M', 'name': 'process_name', 'pid': 9, 'args': {'name': '/host:CPU'}},
-      {'ph': 'X', 'pid': 3, 'tid': 1, 'name': 'jit_train_step', 'dur': 100.0},
-      {'ph': 'X', 'pid': 3, 'tid': 2, 'name': 'fusion.1', 'dur': 30.0},
-      {'ph': 'X', 'pid': 3, 'tid': 2, 'name': 'fusion.1', 'dur': 30.0},
-      {'ph': 'X', 'pid': 3, 'tid': 2, 'name': 'copy.2', 'dur': 40.0},
-      {'ph': 'X', 'pid': 9, 'tid': 5, 'name': 'fusion.1', 'dur': 999.0},
-  ]}
-  assert profile_bench.device_op_times(trace) == {'fusion.1': (60.0, 2), 'copy.2': (40.0, 1)}
-  summary = profile_bench.summarize(profile_bench.device_op_times(trace), steps=2)
-  assert summary['device_ms_per_step'] == 0.05
+def test_profile_reads_tpu_xla_ops_lines_per_device_and_skips_the_summary_lines():
+  """Two TPU cores ran the same 2 steps: times are per device, not summed over the cores."""
+  events = [{'ph': 'M', 'name': 'process_name', 'pid': 9, 'args': {'name': '/host:CPU'}},
+            {'ph': 'X', 'pid': 9, 'tid': 5, 'name': 'fusion.1', 'dur': 999.0}]
+  for pid in (3, 4):
+    events += [
+        {'ph': 'M', 'name': 'process_name', 'pid': pid, 'args': {'name': f'/device:TPU:{pid}'}},
+        {'ph': 'M', 'name': 'thread_name', 'pid': pid, 'tid': 1, 'args': {'name': 'XLA Modules'}},
+        {'ph': 'M', 'name': 'thread_name', 'pid': pid, 'tid': 2, 'args': {'name': 'XLA Ops'}},
+        {'ph': 'X', 'pid': pid, 'tid': 1, 'name': 'jit_train_step', 'dur': 100.0},
+        {'ph': 'X', 'pid': pid, 'tid': 2, 'name': 'fusion.1', 'dur': 30.0},
+        {'ph': 'X', 'pid': pid, 'tid': 2, 'name': 'fusion.1', 'dur': 30.0},
+        {'ph': 'X', 'pid': pid, 'tid': 2, 'name': 'copy.2', 'dur': 40.0}]
+  trace = {'traceEvents': events}
+  assert profile_bench.device_op_times(trace) == (
+      {'fusion.1': (120.0, 4), 'copy.2': (80.0, 2)}, 2)
+  summary = profile_bench.summarize_trace(trace, steps=2)
+  assert summary['device_ms_per_step'] == 0.05  # 100 us per core over 2 steps.
   assert summary['copy/layout_pct'] == 40.0 and summary['elementwise_pct'] == 60.0
+  assert summary['top_ops'][0] == {'op': 'fusion.1', 'category': 'elementwise',
+                                   'ms_per_step': 0.03, 'calls_per_step': 1.0}
 
 
 def test_profile_traces_the_train_step(tmp_path):
@@ -241,7 +247,10 @@ def test_profile_traces_the_train_step(tmp_path):
   record = profile_bench.run(config, str(tmp_path / 'trace'), steps=2)
   assert record['benchmark'] == 'profile' and record['step_seconds'] > 0
   assert profile_bench.read_trace(str(tmp_path / 'trace')) is not None
-  assert record['device_ms_per_step'] is None  # CPU: no device lines in the trace.
+  if jax.default_backend() == 'cpu':
+    assert record['device_ms_per_step'] is None  # No per-op device events on the CPU.
+  else:
+    assert 0 < record['device_ms_per_step'] <= 1000 * record['step_seconds']
 
 
 def test_profile_cli_sums_a_training_runs_trace(tmp_path):
@@ -259,6 +268,13 @@ def test_profile_cli_sums_a_training_runs_trace(tmp_path):
   lines = done.stdout.strip().splitlines()
   assert lines[0].startswith('device time: 65.531 ms per step (') and 'matmul 44.1%' in lines[0]
   assert len(lines) == 2 + 3 and 'nvjet' in lines[2]
+  # A newer run folder without a trace is not answered with the older run's trace.
+  (tmp_path / 'profile' / 'plugins' / 'profile' / '2026_11_26_10_00_00').mkdir()
+  newest_empty = subprocess.run(
+      [sys.executable, '-m', 'mixer.benchmarks.profile_bench',
+       f'--trace_dir={tmp_path / "profile"}'],
+      capture_output=True, text=True, cwd=multidevice.REPO, timeout=300, check=False)
+  assert newest_empty.returncode == 2
   empty = subprocess.run(
       [sys.executable, '-m', 'mixer.benchmarks.profile_bench', f'--trace_dir={tmp_path}'],
       capture_output=True, text=True, cwd=multidevice.REPO, timeout=300, check=False)

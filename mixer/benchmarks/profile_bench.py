@@ -14,7 +14,11 @@ matmuls are the useful work, everything else is overhead around them.
 
 Device ops are the kernels on the GPU streams, or the "XLA Ops" line of a TPU;
 the CPU backend records no per-op device events, so there only the step time
-and the trace come back.
+and the trace come back. Times are per step and per device. The categories are
+read from the op names, which on a GPU name the kernel (cuBLAS `nvjet`/`xmma`,
+Triton `gemm_fusion`, XLA's `loop_`/`input_` fusions). On a TPU the names are
+HLO names (`fusion.12`), so most ops land in 'elementwise': read the top ops
+there.
 
 A training run's own trace (`config.profile_steps=(start, stop)` writes it to
 `<workdir>/profile`) is summed the same way:
@@ -63,13 +67,14 @@ def category(op_name: str) -> str:
   return 'other'
 
 
-def device_op_times(trace: dict | list) -> dict[str, tuple[float, int]]:
-  """{op name: (total microseconds, count)} over a Perfetto/Chrome trace's device ops.
+def device_op_times(trace: dict | list) -> tuple[dict[str, tuple[float, int]], int]:
+  """({op name: (total microseconds, count)}, devices) over a Chrome trace's device ops.
 
   Device processes are those named '/device:...' (not the host, not the
   'CUSTOM' ones). On a GPU the kernels are on 'Stream #...' lines; a TPU's ops
   on its 'XLA Ops' line. Other device lines (e.g. 'XLA Modules') summarise the
-  same time and are not counted again.
+  same time and are not counted again. Totals are over all devices; `devices`
+  is how many had ops (`summarize` divides by it).
   """
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
   processes, threads = {}, {}
@@ -86,30 +91,42 @@ def device_op_times(trace: dict | list) -> dict[str, tuple[float, int]]:
   streams = {key for key, name in lines.items() if name.startswith('Stream')}
   chosen = streams or {key for key, name in lines.items() if name == 'XLA Ops'}
   totals = collections.defaultdict(lambda: [0.0, 0])
+  busy_devices = set()
   for event in events:
     if event.get('ph') == 'X' and (event.get('pid'), event.get('tid')) in chosen:
       total = totals[event.get('name', '?')]
       total[0] += float(event.get('dur', 0.0))
       total[1] += 1
-  return {name: (total[0], total[1]) for name, total in totals.items()}
+      busy_devices.add(event.get('pid'))
+  return {name: (total[0], total[1]) for name, total in totals.items()}, len(busy_devices)
 
 
-def summarize(op_times: dict[str, tuple[float, int]], steps: int, top: int = 15) -> dict[str, Any]:
-  """Milliseconds per step: device total, per category (with shares) and the `top` ops."""
+def summarize(op_times: dict[str, tuple[float, int]], steps: int, devices: int = 1,
+              top: int = 15) -> dict[str, Any]:
+  """Milliseconds per step and device: total, per category (with shares) and the `top` ops."""
+  if steps < 1 or devices < 1:
+    raise ValueError(f'steps={steps}, devices={devices}: a trace holds at least one of each.')
   if not op_times:
     return {'device_ms_per_step': None}
+  per_step = 1000 * steps * devices  # Microseconds over all devices -> ms per step and device.
   per_category = dict.fromkeys(CATEGORY_NAMES, 0.0)
   for name, (micros, _) in op_times.items():
     per_category[category(name)] += micros
   total = sum(per_category.values())
   ranked = sorted(op_times.items(), key=lambda item: -item[1][0])[:top]
   return {
-      'device_ms_per_step': round(total / 1000 / steps, 3),
+      'device_ms_per_step': round(total / per_step, 3),
       **{f'{name}_pct': round(100 * micros / total, 1) for name, micros in per_category.items()},
       'top_ops': [{'op': name, 'category': category(name),
-                   'ms_per_step': round(micros / 1000 / steps, 3),
-                   'calls_per_step': round(count / steps, 1)}
+                   'ms_per_step': round(micros / per_step, 3),
+                   'calls_per_step': round(count / steps / devices, 1)}
                   for name, (micros, count) in ranked]}
+
+
+def summarize_trace(trace: dict | list, steps: int, top: int = 15) -> dict[str, Any]:
+  """`summarize` of a trace's device ops, per device."""
+  op_times, devices = device_op_times(trace)
+  return summarize(op_times, steps, max(devices, 1), top)
 
 
 def read_trace(trace_dir: str) -> dict | list | None:
@@ -117,15 +134,16 @@ def read_trace(trace_dir: str) -> dict | list | None:
 
   jax.profiler writes `plugins/profile/<time>/<host>.trace.json.gz` (Chrome
   trace format; `create_perfetto_trace=True` adds `perfetto_trace.json.gz`,
-  the same events). The newest run's folder is read, and where several hosts
-  wrote into it, the first host's file.
+  the same events). Only the newest run's folder is read (an older one would be
+  another run's), and where several hosts wrote into it, the first host's file.
   """
   from etils import epath  # pylint: disable=g-import-not-at-top  (gs:// as well as local)
-  for folder in sorted(epath.Path(trace_dir).glob('plugins/profile/*'), reverse=True):
-    files = sorted(folder.glob('*.trace.json.gz')) or sorted(folder.glob('perfetto_trace.json.gz'))
-    if files:
-      return json.loads(gzip.decompress(files[0].read_bytes()))
-  return None
+  folders = sorted(epath.Path(trace_dir).glob('plugins/profile/*'))
+  if not folders:
+    return None
+  files = (sorted(folders[-1].glob('*.trace.json.gz'))
+           or sorted(folders[-1].glob('perfetto_trace.json.gz')))
+  return json.loads(gzip.decompress(files[0].read_bytes())) if files else None
 
 
 def run(config: ml_collections.ConfigDict, trace_dir: str, steps: int = 5) -> dict[str, Any]:
@@ -135,7 +153,7 @@ def run(config: ml_collections.ConfigDict, trace_dir: str, steps: int = 5) -> di
   state = setup.create_state()
   compiled = trainer_setup.compile_train_step(setup)
   state, metrics = compiled(state, batch, setup.dropout_rng)  # Warm-up, outside the trace.
-  jax.block_until_ready(metrics)
+  jax.block_until_ready((state, metrics))
   jax.profiler.start_trace(trace_dir)
   start = time.perf_counter()
   for _ in range(steps):
@@ -150,7 +168,7 @@ def run(config: ml_collections.ConfigDict, trace_dir: str, steps: int = 5) -> di
       'scan_blocks': bool(config.model.scan_blocks), 'remat': config.model.remat,
       'device_kind': jax.devices()[0].device_kind, 'steps': steps,
       'step_seconds': round(seconds, 4), 'trace_dir': trace_dir,
-      **summarize(device_op_times(trace) if trace is not None else {}, steps)}
+      **(summarize_trace(trace, steps) if trace is not None else {'device_ms_per_step': None})}
 
 
 def format_top_ops(top_ops: list[dict[str, Any]]) -> str:
@@ -175,7 +193,7 @@ def main(argv, trace_dir: str, steps: int, top: int) -> int:
   """Prints the summary of the trace in `trace_dir`; 2 with an `error:` line if there is none."""
   del argv
   trace = read_trace(trace_dir) if trace_dir else None
-  summary = summarize(device_op_times(trace), steps, top=top) if trace is not None else None
+  summary = summarize_trace(trace, steps, top) if trace is not None else None
   if not trace_dir:
     problem = '--trace_dir is required, e.g. --trace_dir=WORKDIR/profile.'
   elif trace is None:
@@ -195,6 +213,7 @@ if __name__ == '__main__':
   # Defined here, not at import: `mixer.benchmarks.run` imports this module and has a --steps.
   _TRACE_DIR = flags.DEFINE_string('trace_dir', None, 'A folder jax.profiler wrote, e.g. '
                                    '<workdir>/profile (config.profile_steps).')
-  _STEPS = flags.DEFINE_integer('steps', 1, 'How many train steps the trace holds.')
-  _TOP = flags.DEFINE_integer('top', 15, 'How many of the largest ops to list.')
+  _STEPS = flags.DEFINE_integer('steps', 1, 'How many train steps the trace holds.',
+                                lower_bound=1)
+  _TOP = flags.DEFINE_integer('top', 15, 'How many of the largest ops to list.', lower_bound=1)
   app.run(lambda argv: sys.exit(main(argv, _TRACE_DIR.value, _STEPS.value, _TOP.value)))

@@ -61,7 +61,8 @@ _TOPOLOGY = flags.DEFINE_string(
     'topology', None, '`compile` for this TPU slice (e.g. v3-256; needs libtpu) instead of '
     '--devices.')
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Classes of the head (21843: i21k).')
-_PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 5, 'Traced train steps of `profile`.')
+_PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 5, 'Traced train steps of `profile`.',
+                                      lower_bound=1)
 _PROFILE_DIR = flags.DEFINE_string(
     'profile_dir', 'bench_profile', '`profile` writes one trace folder per combination here '
     '(TensorBoard / Perfetto).')
@@ -90,10 +91,8 @@ _COLUMNS = {
     'cache': [('1st cpu s', 'first_start_compile_cpu_seconds'),
               ('2nd cpu s', 'second_start_compile_cpu_seconds'),
               ('2nd/1st', 'second_over_first'), ('target', 'target_second_over_first')],
-    'profile': [('ms/step', 'step_seconds'), ('device ms', 'device_ms_per_step'),
-                *[(f'{c} %', f'{c}_pct') for c in (
-                    'matmul', 'convolution', 'elementwise', 'reduction', 'copy/layout',
-                    'memcpy', 'other')]],
+    # Then one column per category (profile_bench.CATEGORY_NAMES), from the record's *_pct keys.
+    'profile': [('ms/step', 'step_seconds'), ('device ms', 'device_ms_per_step')],
     'deploy': [('format', 'format'), ('MiB', 'file_mib'), ('b1 ms', 'batch1_latency_ms'),
                ('b32 img/s', 'batch32_img_per_s'), ('top1=jax', 'top1_agreement_with_jax')],
     'e2e': [('trainer img/s/dev', 'trainer_img_per_sec_per_device'),
@@ -127,6 +126,8 @@ def format_table(records: list[dict]) -> str:
       continue
     key = [c for c in _KEY if c[1] in rows[0]] if kind != 'input' else []
     columns = key + _COLUMNS[kind]
+    if kind == 'profile':
+      columns += [(f'{k[:-len("_pct")]} %', k) for k in rows[0] if k.endswith('_pct')]
     table = [[header for header, _ in columns]] + [[_cell(r, key) for _, key in columns]
                                                    for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
