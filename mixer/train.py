@@ -286,6 +286,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                         jax.device_count(), config.log_every,
                                         core_hours=core_hours)
     profile_steps = tuple(config.profile_steps or ())
+    profile_dir = os.path.join(workdir, 'profile')
     results: dict[str, float] = {}
     if step == 0:
       writer.write_hparams(reporting.flatten_hparams(config))
@@ -310,7 +311,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     while step < config.total_steps:
       if profile_steps and step == profile_steps[0] and jax.process_index() == 0:
         jax.block_until_ready(state)  # Earlier steps still running would land in the trace.
-        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+        jax.profiler.start_trace(profile_dir)
       local_batch = next(train_iter)
       batch = sharding.put_local_batch(
           {'image': local_batch['image'], 'labels': local_batch['labels']}, mesh)
@@ -321,8 +322,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         jax.profiler.stop_trace()
         logging.info('Profile of steps %d-%d written to %s (TensorBoard); device time per op: '
                      'python -m mixer.benchmarks.profile_bench --trace_dir=%s --steps=%d',
-                     profile_steps[0] + 1, step, os.path.join(workdir, 'profile'),
-                     os.path.join(workdir, 'profile'), step - profile_steps[0])
+                     profile_steps[0] + 1, step, profile_dir, profile_dir,
+                     step - profile_steps[0])
 
       is_last = step == config.total_steps
       if progress.should_fetch(step):  # The first step, log steps and the last.

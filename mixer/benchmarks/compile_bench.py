@@ -75,9 +75,7 @@ def run(topology: str | None = None, **config_kwargs) -> dict[str, Any]:
   opt = _bytes_per_device(setup.abstract_state['opt_state'])
   mib = 2.0 ** 20
   return {
-      'benchmark': 'compile', 'model': config.model.name, 'image_size': config.image_size,
-      'batch_size': config.batch_size, 'dtype': config.model_dtype,
-      'scan_blocks': bool(config.model.scan_blocks), 'remat': config.model.remat,
+      'benchmark': 'compile', **model_bench.config_fields(config),
       'mesh': dict(setup.mesh.shape), 'devices': len(devices), 'topology': topology,
       'device_kind': devices[0].device_kind, 'compile_seconds': round(seconds, 2),
       # CPU time of this process (all threads): robust to other load on the machine.

@@ -58,9 +58,7 @@ def run(steps: int = 12, log_every: int = 3, **config_kwargs) -> dict[str, Any]:
                                      'flops_per_cpu_second': None})[0]
   ratio = trainer / bare['img_per_sec_per_device']
   return {
-      'benchmark': 'e2e', 'model': config.model.name, 'image_size': config.image_size,
-      'batch_size': config.batch_size, 'dtype': config.model_dtype,
-      'scan_blocks': bool(config.model.scan_blocks), 'remat': config.model.remat,
+      'benchmark': 'e2e', **model_bench.config_fields(config),
       'devices': bare['devices'], 'device_kind': bare['device_kind'], 'steps': steps,
       'trainer_img_per_sec_per_device': round(trainer, 2),
       'trainer_windows': [round(r, 2) for r in rates],

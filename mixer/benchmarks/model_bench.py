@@ -66,6 +66,13 @@ def bench_config(model: str = 'Mixer-S_32', batch_size: int = 16, image_size: in
   return config
 
 
+def config_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What identifies a benchmark record's config (the table's key columns)."""
+  return {'model': config.model.name, 'image_size': config.image_size,
+          'batch_size': config.batch_size, 'dtype': config.model_dtype,
+          'scan_blocks': bool(config.model.scan_blocks), 'remat': config.model.remat}
+
+
 def forward_flops(model: models.MlpMixer, image_size: int) -> float:
   """Matmul FLOPs of one image's forward pass (2 per multiply-add)."""
   tokens = (image_size // model.patch_size) ** 2
@@ -149,9 +156,7 @@ def run(config: ml_collections.ConfigDict, modes=('forward', 'train'), steps: in
   batch = device_batch(setup)
   results = []
   common = {
-      'model': config.model.name, 'image_size': config.image_size,
-      'batch_size': config.batch_size, 'dtype': config.model_dtype,
-      'scan_blocks': bool(config.model.scan_blocks), 'remat': config.model.remat,
+      **config_fields(config),
       'mesh': dict(setup.mesh.shape), 'devices': devices,
       'device_kind': jax.devices()[0].device_kind,
       'peak_flops_per_device': peak['flops'], 'peak_source': peak['source']}

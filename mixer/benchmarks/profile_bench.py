@@ -163,9 +163,7 @@ def run(config: ml_collections.ConfigDict, trace_dir: str, steps: int = 5) -> di
   jax.profiler.stop_trace()
   trace = read_trace(trace_dir)
   return {
-      'benchmark': 'profile', 'model': config.model.name, 'image_size': config.image_size,
-      'batch_size': config.batch_size, 'dtype': config.model_dtype,
-      'scan_blocks': bool(config.model.scan_blocks), 'remat': config.model.remat,
+      'benchmark': 'profile', **model_bench.config_fields(config),
       'device_kind': jax.devices()[0].device_kind, 'steps': steps,
       'step_seconds': round(seconds, 4), 'trace_dir': trace_dir,
       **(summarize_trace(trace, steps) if trace is not None else {'device_ms_per_step': None})}
