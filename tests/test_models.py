@@ -93,26 +93,27 @@ def test_unknown_model_name_lists_the_known_names():
 
 
 # --- An independent forward pass (paper Eq. 1), float64 numpy --------------------------
+# Written for any array module `xp` with numpy's API: numpy in float64 checks the
+# forward pass; jax.numpy lets jax.grad differentiate the plain equations, so the
+# model's hand-written backward passes (LayerNorm, GELU) are checked against them.
 
 
-def _layer_norm(x, norm):
+def _layer_norm(x, norm, xp=np):
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
-  return (x - mean) / np.sqrt(var + 1e-6) * norm['scale'] + norm['bias']
+  return (x - mean) / xp.sqrt(var + 1e-6) * norm['scale'] + norm['bias']
 
 
-def _gelu_tanh(x):
-  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+def _gelu_tanh(x, xp=np):
+  return 0.5 * x * (1 + xp.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
-def _mlp(x, mlp):
-  hidden = _gelu_tanh(x @ mlp['Dense_0']['kernel'] + mlp['Dense_0']['bias'])
+def _mlp(x, mlp, xp=np):
+  hidden = _gelu_tanh(x @ mlp['Dense_0']['kernel'] + mlp['Dense_0']['bias'], xp)
   return hidden @ mlp['Dense_1']['kernel'] + mlp['Dense_1']['bias']
 
 
-def _numpy_mixer(params, images):
-  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-  images = np.asarray(images, np.float64)
+def _reference_mixer(p, images, xp=np):
   n, height, width, _ = images.shape
   patch = p['stem']['kernel'].shape[0]
   # Non-overlapping patches in raster order, each flattened as (row, col, rgb).
@@ -123,12 +124,17 @@ def _numpy_mixer(params, images):
   while f'MixerBlock_{block}' in p:
     b = p[f'MixerBlock_{block}']
     # U = X + W2 σ(W1 LN(X)) along tokens; Y = U + W4 σ(W3 LN(U)) along channels.
-    x = x + _mlp(_layer_norm(x, b['LayerNorm_0']).transpose(0, 2, 1),
-                 b['token_mixing']).transpose(0, 2, 1)
-    x = x + _mlp(_layer_norm(x, b['LayerNorm_1']), b['channel_mixing'])
+    x = x + _mlp(_layer_norm(x, b['LayerNorm_0'], xp).transpose(0, 2, 1),
+                 b['token_mixing'], xp).transpose(0, 2, 1)
+    x = x + _mlp(_layer_norm(x, b['LayerNorm_1'], xp), b['channel_mixing'], xp)
     block += 1
-  pooled = _layer_norm(x, p['pre_head_layer_norm']).mean(axis=1)
+  pooled = _layer_norm(x, p['pre_head_layer_norm'], xp).mean(axis=1)
   return pooled @ p['head']['kernel'] + p['head']['bias']
+
+
+def _numpy_mixer(params, images):
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  return _reference_mixer(p, np.asarray(images, np.float64))
 
 
 @functools.lru_cache
@@ -186,3 +192,61 @@ def test_prelogits_are_pooled_features():
   assert features.shape == (2, 8)
   np.testing.assert_allclose(
       features @ params['head']['kernel'] + params['head']['bias'], logits, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_match_autodiff_of_the_plain_equations():
+  """The model's hand-written LayerNorm backward and recomputed GELU give autodiff's gradients.
+
+  Against jax.grad of `_reference_mixer` (the paper's equations, nothing hand-
+  written), float32, every parameter and the input images.
+  """
+  model = models.MlpMixer(num_classes=5, patch_size=8, hidden_dim=32, num_blocks=2,
+                          tokens_mlp_dim=24, channels_mlp_dim=64)
+  params = random_params(_param_shapes(model, 32), seed=3)
+  photos = jnp.asarray(_sample_photos(32))
+  weights = jax.random.normal(jax.random.key(0), (2, 5))  # Every logit counts, differently.
+
+  def loss(apply):
+    return lambda p, x: jnp.sum(weights * apply(p, x))
+
+  ours = jax.jit(jax.grad(loss(lambda p, x: model.apply({'params': p}, x, train=False)),
+                          argnums=(0, 1)))(params, photos)
+  plain = jax.jit(jax.grad(loss(lambda p, x: _reference_mixer(p, x, jnp)),
+                           argnums=(0, 1)))(params, photos)
+  flat_ours = traverse_util.flatten_dict(ours[0], sep='/')
+  flat_plain = traverse_util.flatten_dict(plain[0], sep='/')
+  assert flat_ours.keys() == flat_plain.keys()
+  typical = np.median([np.linalg.norm(g) for g in flat_plain.values()])
+  for name, grad in flat_plain.items():
+    if name.endswith('token_mixing/Dense_1/bias'):
+      # Adds one constant to all channels of a token, which every later LayerNorm
+      # (over channels) subtracts again: its exact gradient is 0, both give rounding noise.
+      assert max(np.linalg.norm(grad), np.linalg.norm(flat_ours[name])) < 1e-5 * typical, name
+      continue
+    assert np.linalg.norm(grad) > 1e-3 * typical, name
+    assert relative_error(flat_ours[name], grad) < 1e-4, name
+  assert relative_error(ours[1], plain[1]) < 1e-4
+
+
+def test_layer_norm_is_flax_layer_norm_with_its_gradients():
+  """`models.LayerNorm` (hand-written backward) against flax's nn.LayerNorm, values and grads."""
+  rng = np.random.default_rng(0)
+  # Rows with far-from-zero means and different spreads, as the residual stream has.
+  x = jnp.asarray(rng.normal(3.0, 1.0, (4, 7, 48)) * rng.uniform(0.1, 5.0, (4, 7, 1)), jnp.float32)
+  params = {'scale': jnp.asarray(rng.normal(1.0, 0.3, 48), jnp.float32),
+            'bias': jnp.asarray(rng.normal(0.0, 0.3, 48), jnp.float32)}
+  weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  ours, flax_ln = models.LayerNorm(), nn.LayerNorm(epsilon=models.LAYER_NORM_EPSILON)
+
+  def value_and_grads(module):
+    def loss(p, x):
+      return jnp.sum(weights * module.apply({'params': p}, x))
+    return module.apply({'params': params}, x), jax.grad(loss, argnums=(0, 1))(params, x)
+
+  (y, (dparams, dx)), (y_ref, (dparams_ref, dx_ref)) = (value_and_grads(ours),
+                                                        value_and_grads(flax_ln))
+  assert relative_error(y, y_ref) < 1e-6
+  assert relative_error(dx, dx_ref) < 1e-5
+  for name in ('scale', 'bias'):
+    assert relative_error(dparams[name], dparams_ref[name]) < 1e-5
+  assert models.LayerNorm(jnp.bfloat16).apply({'params': params}, x).dtype == jnp.bfloat16
