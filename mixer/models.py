@@ -57,26 +57,29 @@ def _partitioned(init, names):
   return nn.with_logical_partitioning(init, names)
 
 
-@jax.checkpoint
 def _bias_gelu(h, bias):
-  """GELU(h + bias), keeping only `h` (the matmul's output) for the backward pass.
-
-  Autodiff of `nn.gelu(dense(x))` keeps both the pre-activation and tanh's
-  output, full [batch, tokens, mlp_dim] tensors; recomputing the bias add and
-  the tanh from `h` costs a few flops and saves writing and re-reading one of
-  them per MLP: on an H100, 11 GB less memory traffic and 5 GiB less memory in
-  the Mixer-B/16 train step at batch 256 (docs/benchmarks.md). Flax's default
-  GELU, the tanh approximation, as in the released models.
-  """
+  """Flax's default GELU, the tanh approximation as in the released models, of `h + bias`."""
   return nn.gelu(h + bias)
 
 
+# GELU(h + bias) keeping only `h` (the matmul's output) for the backward pass.
+# Autodiff of `nn.gelu(dense(x))` keeps both the pre-activation and tanh's output,
+# full [batch, tokens, mlp_dim] tensors; recomputing the bias add and the tanh
+# from `h` costs a few flops and saves writing and re-reading one of them per
+# MLP: in the Mixer-B/16 train step compiled for an H100 at batch 256, 11 GB
+# less memory traffic and 5 GiB less memory (docs/benchmarks.md). Not used
+# inside `remat` blocks: their policy already recomputes it, and the nested
+# checkpoint's barriers cost the TPU scheduler 90 MiB per core (L/16, v3-256).
+_bias_gelu_recomputed = jax.checkpoint(_bias_gelu)
+
+
 class _DenseGelu(nn.Module):
-  """GELU(x @ kernel + bias): `nn.Dense`'s parameters, init and math, with `_bias_gelu`."""
+  """GELU(x @ kernel + bias): `nn.Dense`'s parameters, init and math, then `_bias_gelu`."""
   features: int
   in_axis: str
   out_axis: str
   dtype: Any = jnp.float32
+  recompute_gelu: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -86,7 +89,8 @@ class _DenseGelu(nn.Module):
     bias = self.param('bias', _partitioned(nn.initializers.zeros, (self.out_axis,)),
                       (self.features,), jnp.float32)
     h = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-    return _bias_gelu(h, bias.astype(self.dtype))
+    gelu = _bias_gelu_recomputed if self.recompute_gelu else _bias_gelu
+    return gelu(h, bias.astype(self.dtype))
 
 
 class MlpBlock(nn.Module):
@@ -96,11 +100,13 @@ class MlpBlock(nn.Module):
   hidden_axis: str
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  recompute_gelu: bool = True  # False inside remat blocks (see _bias_gelu_recomputed).
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     out_dim = x.shape[-1]
-    y = _DenseGelu(self.mlp_dim, self.in_axis, self.hidden_axis, self.dtype, name='Dense_0')(x)
+    y = _DenseGelu(self.mlp_dim, self.in_axis, self.hidden_axis, self.dtype,
+                   self.recompute_gelu, name='Dense_0')(x)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     y = nn.Dense(
         out_dim, dtype=self.dtype, param_dtype=jnp.float32, name='Dense_1',
@@ -210,6 +216,7 @@ class MixerBlock(nn.Module):
   channels_mlp_dim: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  recompute_gelu: bool = True
 
   # `train` may be positional: nn.remat needs it there to treat it as static.
   # `scales`: this block's [2, N] slice of `branch_scales`, or None (no stochastic depth).
@@ -219,13 +226,13 @@ class MixerBlock(nn.Module):
     y = _layer_norm(self.dtype)(x)
     y = jnp.swapaxes(y, 1, 2)  # [N, C, S]: the token MLP mixes along S.
     y = MlpBlock(self.tokens_mlp_dim, TOKENS, TOKEN_MLP, self.dropout_rate,
-                 self.dtype, name='token_mixing')(y, train=train)
+                 self.dtype, self.recompute_gelu, name='token_mixing')(y, train=train)
     y = jnp.swapaxes(y, 1, 2)
     x = x + _drop_branch(y, token_scale)
     x = nn.with_logical_constraint(x, (BATCH, None, None))
     y = _layer_norm(self.dtype)(x)
     y = MlpBlock(self.channels_mlp_dim, EMBED, CHANNEL_MLP, self.dropout_rate,
-                 self.dtype, name='channel_mixing')(y, train=train)
+                 self.dtype, self.recompute_gelu, name='channel_mixing')(y, train=train)
     x = x + _drop_branch(y, channel_scale)
     return nn.with_logical_constraint(x, (BATCH, None, None))
 
@@ -240,11 +247,12 @@ class _ScanStep(nn.Module):
   channels_mlp_dim: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  recompute_gelu: bool = True
 
   @nn.compact
   def __call__(self, x, scales, train):
     block = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, self.dropout_rate,
-                       self.dtype)
+                       self.dtype, self.recompute_gelu)
     nn.share_scope(self, block)
     return block(x, train, scales), None
 
@@ -356,6 +364,7 @@ class MlpMixer(nn.Module):
   def _blocks(self, x, train: bool, scales):
     if self.remat not in ('none', *REMAT_POLICIES):
       raise ValueError(f"MlpMixer.remat={self.remat!r}: use 'none', 'full' or 'dots'.")
+    recompute_gelu = self.remat == 'none'  # A remat policy already recomputes it.
     if self.scan_blocks:
       step = _ScanStep
       if self.remat != 'none':
@@ -368,14 +377,15 @@ class MlpMixer(nn.Module):
           in_axes=(0, nn.broadcast), length=self.num_blocks,
           metadata_params={nn.PARTITION_NAME: LAYERS})(
               self.tokens_mlp_dim, self.channels_mlp_dim, self.dropout_rate, self.dtype,
-              name='MixerBlocks')(x, scales, train)
+              recompute_gelu, name='MixerBlocks')(x, scales, train)
       return x
     block = MixerBlock
     if self.remat != 'none':
       block = nn.remat(block, static_argnums=(2,), policy=REMAT_POLICIES[self.remat])
     for i in range(self.num_blocks):
       x = block(self.tokens_mlp_dim, self.channels_mlp_dim, self.dropout_rate, self.dtype,
-                name=f'MixerBlock_{i}')(x, train, None if scales is None else scales[i])
+                recompute_gelu, name=f'MixerBlock_{i}')(x, train,
+                                                        None if scales is None else scales[i])
     return x
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from mixer import input_pipeline, models
-from mixer.benchmarks import compile_bench, model_bench, profile_bench, run as bench_run
+from mixer.benchmarks import compile_bench, hlo_traffic, model_bench, profile_bench
+from mixer.benchmarks import run as bench_run
 from mixer.datasets import get_source
 from tests import multidevice
 
@@ -155,6 +156,7 @@ def test_compile_bench_reports_memory_plan():
   assert record['scan_blocks'] and record['remat'] == 'dots'
   assert record['total_mib_per_device'] > record['params_mib_per_device'] > 0
   assert record['compile_cpu_seconds'] > 0
+  assert record['traffic_gb_per_device'] > 0
 
 
 def test_compile_bench_compiles_for_a_tpu_slice_and_pairs_scanned_with_unscanned():
@@ -172,6 +174,99 @@ def test_compile_bench_compiles_for_a_tpu_slice_and_pairs_scanned_with_unscanned
   # Records of another batch size are not paired.
   other = dict(records[0], batch_size=16)
   assert compile_bench.scan_vs_unscanned([other, records[1]]) == []
+
+
+# --- hlo_traffic: bytes the compiled step's kernels move -----------------------------------
+
+_LOOP_HLO = """\
+HloModule m, entry_computation_layout={(f32[8,4]{1,0})->f32[8,4]{1,0}}
+
+%fused_add (p0: f32[8,4], p1: f32[8,4]) -> f32[8,4] {
+  %p0 = f32[8,4]{1,0} parameter(0)
+  %p1 = f32[8,4]{1,0} parameter(1)
+  ROOT %add = f32[8,4]{1,0} add(%p0, %p1)
+}
+
+%body (state: (s32[], f32[8,4], bf16[3,8,4])) -> (s32[], f32[8,4], bf16[3,8,4]) {
+  %state = (s32[], f32[8,4]{1,0}, bf16[3,8,4]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%state), index=0
+  %x = f32[8,4]{1,0} get-tuple-element(%state), index=1
+  %stack = bf16[3,8,4]{2,1,0} get-tuple-element(%state), index=2
+  %loop_add_fusion = f32[8,4]{1,0} fusion(%x, %x), kind=kLoop, calls=%fused_add, metadata={op_name="jit(f)/MixerBlock_0/add"}
+  %convert = bf16[1,8,4]{2,1,0} convert(%loop_add_fusion)
+  %loop_dynamic_update_slice_fusion = bf16[3,8,4]{2,1,0} fusion(%stack, %convert, %i), kind=kLoop, calls=%fused_add
+  ROOT %out = (s32[], f32[8,4]{1,0}, bf16[3,8,4]{2,1,0}) tuple(%i, %loop_add_fusion, %loop_dynamic_update_slice_fusion)
+}
+
+%cond (state: (s32[], f32[8,4], bf16[3,8,4])) -> pred[] {
+  %state = (s32[], f32[8,4]{1,0}, bf16[3,8,4]{2,1,0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (x: f32[8,4]) -> f32[8,4] {
+  %x = f32[8,4]{1,0} parameter(0)
+  %gemm_fusion_dot = f32[8,4]{1,0} fusion(%x, %x), kind=kCustom, calls=%fused_add
+  %zero = s32[] constant(0)
+  %stack = bf16[3,8,4]{2,1,0} constant({...})
+  %init = (s32[], f32[8,4]{1,0}, bf16[3,8,4]{2,1,0}) tuple(%zero, %gemm_fusion_dot, %stack)
+  %while = (s32[], f32[8,4]{1,0}, bf16[3,8,4]{2,1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %y = f32[8,4]{1,0} get-tuple-element(%while), index=1
+}
+"""  # noqa: E501  (HLO lines as XLA prints them)
+
+
+def test_hlo_traffic_counts_operands_and_results_and_loop_trips():
+  """Exact bytes of a hand-written module: a gemm, then a 3-trip loop of an add and a stacking."""
+  kernels = {k.name: k for k in hlo_traffic.kernels(_LOOP_HLO)}
+  assert set(kernels) == {'gemm_fusion_dot', 'loop_add_fusion', 'convert',
+                          'loop_dynamic_update_slice_fusion'}
+  assert kernels['gemm_fusion_dot'].bytes == 3 * 128  # Two f32[8,4] read, one written.
+  assert (kernels['loop_add_fusion'].bytes, kernels['loop_add_fusion'].trips) == (3 * 3 * 128, 3)
+  assert kernels['convert'].bytes == 3 * (128 + 64)
+  # In place: the bf16[1,8,4] update read and written (and the s32 index), not the stack.
+  assert kernels['loop_dynamic_update_slice_fusion'].bytes == 3 * 2 * (64 + 4)
+  assert kernels['loop_add_fusion'].source == 'jit(f)/MixerBlock_0/add'
+  assert {name: k.category for name, k in kernels.items()} == {
+      'gemm_fusion_dot': 'matmul', 'loop_add_fusion': 'elementwise', 'convert': 'other',
+      'loop_dynamic_update_slice_fusion': 'slicing'}
+  assert hlo_traffic.array_bytes('(f32[2,3]{1,0}, bf16[5]{0}, pred[])') == 24 + 10 + 1
+
+
+def test_hlo_traffic_of_a_scanned_step_counts_every_block():
+  """On a real compiled scanned step, the block body's kernels run once per block."""
+  model = models.MlpMixer(num_classes=10, patch_size=8, hidden_dim=32, num_blocks=3,
+                          tokens_mlp_dim=16, channels_mlp_dim=64, scan_blocks=True)
+  images = jax.ShapeDtypeStruct((4, 32, 32, 3), np.float32)
+  params = models.unbox(jax.eval_shape(model.init, jax.random.key(0), images)['params'])
+
+  def loss(p, x):
+    return model.apply({'params': p}, x).sum()
+
+  hlo = jax.jit(jax.grad(loss)).lower(params, images).compile().as_text()
+  kernels = hlo_traffic.kernels(hlo)
+  assert {k.trips for k in kernels} == {1, 3}  # Outside the loops, and in the scanned blocks.
+  totals = hlo_traffic.summary(kernels)
+  assert totals['traffic_gb'] == pytest.approx(sum(totals['traffic_gb_by_category'].values()),
+                                               abs=0.01)
+
+
+_H100_HLO = os.path.join(os.path.dirname(__file__), 'data', 'h100_mixer_s32_train_step.hlo.gz')
+
+
+def test_hlo_traffic_of_a_train_step_compiled_for_an_h100(capsys):
+  """The S/32 bf16 train step (batch 64) compiled for an H100 without one (docs/benchmarks.md)."""
+  assert hlo_traffic.main([], _H100_HLO, top=5, bandwidth=3350) == 0
+  out = capsys.readouterr().out
+  with gzip.open(_H100_HLO, 'rt') as f:
+    kernels = hlo_traffic.kernels(f.read())
+  assert len(kernels) > 300 and all(k.trips == 1 for k in kernels)  # Unscanned: no loops.
+  by_category = hlo_traffic.summary(kernels)['traffic_gb_by_category']
+  # Triton gemms move the weights and activations once; LayerNorm backward is a reduction.
+  assert by_category['matmul'] > 0 and by_category['reduction'] > 0
+  assert 'largest non-matmul traffic, by jax op' in out
+  assert 'MixerBlock_*/channel_mixing' in out
+  assert hlo_traffic.main([], os.devnull + '.missing', top=5, bandwidth=3350) == 2
+  assert capsys.readouterr().err.startswith('error: cannot read HLO from')
 
 
 # --- profile: where the train step's device time goes ------------------------------------

@@ -40,7 +40,7 @@ from typing import Any
 import jax
 
 from mixer import trainer_setup
-from mixer.benchmarks import model_bench
+from mixer.benchmarks import hlo_traffic, model_bench
 
 
 def _bytes_per_device(abstract_tree) -> int:
@@ -84,6 +84,9 @@ def run(topology: str | None = None, **config_kwargs) -> dict[str, Any]:
       'opt_state_mib_per_device': round(opt / mib, 2),
       **{f'{name}_mib_per_device': round(plan[name] / mib, 2) if name in plan else None
          for name in ('argument', 'output', 'temp', 'alias', 'total')},
+      # Bytes the step's kernels move per device, from its optimized HLO (hlo_traffic).
+      'traffic_gb_per_device': hlo_traffic.summary(hlo_traffic.kernels(compiled.as_text()))[
+          'traffic_gb'],
   }
 
 

@@ -7,7 +7,8 @@
            of --devices (fake CPU devices, FSDP over all of them)  (compile_bench)
            or, with --topology=v3-256, for a TPU slice (libtpu,
            compile-only); with --scan_blocks=false,true also the
-           scanned/unscanned compile-time ratio
+           scanned/unscanned compile-time ratio, and the bytes its
+           kernels move per step (hlo_traffic: memory-bound cost)
   cache    first vs second start with the persistent compile cache (compile_bench)
   e2e      the trainer on 'synthetic' data vs the bare train step   (e2e_bench)
   profile  where the train step's device time goes: a jax.profiler trace,
@@ -81,7 +82,7 @@ _COLUMNS = {
                 ('cpu s', 'compile_cpu_seconds'), ('params MiB', 'params_mib_per_device'),
                 ('opt MiB', 'opt_state_mib_per_device'), ('args MiB', 'argument_mib_per_device'),
                 ('temp MiB', 'temp_mib_per_device'), ('donated MiB', 'alias_mib_per_device'),
-                ('total MiB', 'total_mib_per_device')],
+                ('total MiB', 'total_mib_per_device'), ('traffic GB', 'traffic_gb_per_device')],
     'scan_vs_unscanned': [('devices', 'devices'), ('remat', 'scanned_remat'),
                           ('vs remat', 'unscanned_remat'),
                           ('scanned cpu s', 'scanned_cpu_seconds'),

@@ -1,0 +1,198 @@
+"""Memory traffic of a compiled step, read from its optimized HLO: what a memory-bound step costs.
+
+On a GPU most of a Mixer train step outside the matmuls is memory-bound
+(LayerNorm, bias + GELU, bias gradients, transposes): its time is about the
+bytes its kernels read and write over the HBM bandwidth. Every top-level kernel
+of the optimized HLO (a fusion, a gemm, a copy) reads its operands and writes
+its result once, so summing operand + result bytes over the kernels that run,
+with loop bodies counted once per trip, estimates the step's HBM traffic
+without running it. In-place updates of a slice (`dynamic-update-slice`) count
+only the slice.
+
+The estimate ranks variants the way the H100 did: for the B/16 train step at
+batch 256 it gave 141.8 GB (measured 3,929 img/s), 162.9 GB with `remat=dots`
+(3,433) and 145.4 GB token-major (3,722); see docs/benchmarks.md. It needs only
+a compiled step, so a change can be judged on a machine without the GPU, from
+an HLO compiled for it (docs/benchmarks.md shows how to compile for an H100
+without one) or from the local backend's:
+
+  python -m mixer.benchmarks.hlo_traffic --hlo=step.hlo.txt[.gz] --top=15
+
+`compile_bench` records the figure (`traffic_gb`) of every step it compiles.
+XLA's own `cost_analysis()` has no such figure for a GPU compiled without a
+device, and counts a loop body once on the CPU; hence this reader.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gzip
+import re
+import sys
+
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 'bf16': 2, 'f16': 2,
+          's16': 2, 'u16': 2, 'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8,
+          'c64': 8, 'c128': 16}
+_ARRAY = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([\d,]*)\]')
+_COMPUTATION = re.compile(r'^(ENTRY )?%(\S+) .*\{\s*$')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][\w-]*)\((.*)$')
+# Instructions that move no data of their own.
+_FREE = frozenset({'parameter', 'get-tuple-element', 'tuple', 'constant', 'bitcast',
+                   'after-all', 'partition-id', 'replica-id', 'opt-barrier'})
+CATEGORIES = ('matmul', 'reduction', 'elementwise', 'copy/layout', 'slicing', 'other')
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  """One top-level instruction that runs: its bytes per step (all loop trips), what it is."""
+  name: str
+  opcode: str
+  source: str      # The jax op it came from (HLO metadata op_name), '' if none.
+  bytes: int
+  trips: int       # How often it runs per step (1 outside loops).
+
+  @property
+  def category(self) -> str:
+    name = self.name
+    if 'gemm' in name or 'dot' in name or self.opcode in ('dot', 'convolution'):
+      return 'matmul'
+    if 'dynamic_update_slice' in name or 'dynamic_slice' in name or self.opcode in (
+        'dynamic-slice', 'dynamic-update-slice'):
+      return 'slicing'
+    if 'reduce' in name or self.opcode in ('reduce', 'reduce-window'):
+      return 'reduction'
+    if 'transpose' in name or 'copy' in name or self.opcode in ('copy', 'transpose'):
+      return 'copy/layout'
+    if self.opcode == 'fusion' or 'fusion' in name:
+      return 'elementwise'
+    return 'other'
+
+
+def array_bytes(shape: str) -> int:
+  """Bytes of every array in an HLO shape string (tuples summed), e.g. 'bf16[2,3]{1,0}' -> 12."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    count = 1
+    for dim in filter(None, dims.split(',')):
+      count *= int(dim)
+    total += count * _BYTES[dtype]
+  return total
+
+
+def _computations(hlo: str) -> dict[str, list[tuple[str, str, str, str]]]:
+  """{computation: [(name, shape, opcode, rest of line)]}; the entry one is 'ENTRY'."""
+  computations, current = {}, None
+  for line in hlo.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = computations.setdefault('ENTRY' if header.group(1) else header.group(2), [])
+    elif line.startswith('}'):
+      current = None
+    elif current is not None:
+      instruction = _INSTRUCTION.match(line)
+      if instruction:
+        current.append(instruction.groups())
+  return computations
+
+
+def kernels(hlo: str) -> list[Kernel]:
+  """The kernels of an optimized HLO module (`compiled.as_text()`) that run, with their bytes."""
+  computations = _computations(hlo)
+  if 'ENTRY' not in computations:
+    raise ValueError('No ENTRY computation: pass the text of an HLO module (compiled.as_text()).')
+  found = []
+
+  def walk(computation: str, trips: int):
+    shapes = {}
+    for name, shape, opcode, rest in computations[computation]:
+      shapes[name] = shape
+      if opcode in _FREE:
+        continue
+      if opcode == 'while':
+        count = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+        walk(re.search(r'body=%([\w.\-]+)', rest).group(1),
+             trips * (int(count.group(1)) if count else 1))
+        continue
+      if opcode in ('call', 'conditional', 'async-start'):
+        for called in re.findall(r'%([\w.\-]+)', rest.split('), ', 1)[-1]):
+          if called in computations:
+            walk(called, trips)
+        continue
+      operands = [array_bytes(shapes[o]) for o in
+                  re.findall(r'%([\w.\-]+)', rest.split('), ', 1)[0]) if o in shapes]
+      result = array_bytes(shape)
+      if 'dynamic_update_slice' in name or opcode == 'dynamic-update-slice':
+        # Updated in place: the buffer operand is aliased; the update is read and written.
+        moved = 2 * (sum(operands) - max(operands, default=0))
+      elif 'dynamic_slice' in name or opcode == 'dynamic-slice':
+        moved = 2 * result  # Only the slice is read.
+      else:
+        moved = sum(operands) + result
+      source = re.search(r'op_name="([^"]*)"', rest)
+      found.append(Kernel(name, opcode, source.group(1) if source else '', moved * trips, trips))
+
+  walk('ENTRY', 1)
+  return found
+
+
+def summary(found: list[Kernel]) -> dict:
+  """Total bytes per step and per category, in GB."""
+  by_category = collections.Counter()
+  for kernel in found:
+    by_category[kernel.category] += kernel.bytes
+  return {'traffic_gb': round(sum(by_category.values()) / 1e9, 3),
+          'traffic_gb_by_category': {c: round(by_category[c] / 1e9, 3)
+                                     for c in CATEGORIES if by_category[c]}}
+
+
+def by_source(found: list[Kernel], top: int) -> list[tuple[float, int, str]]:
+  """The largest non-matmul traffic per jax op (block indices merged): [(GB, kernels, op)]."""
+  totals, counts = collections.Counter(), collections.Counter()
+  for kernel in found:
+    if kernel.category == 'matmul':
+      continue
+    source = re.sub(r'MixerBlock_\d+', 'MixerBlock_*', kernel.source) or kernel.name
+    source = re.sub(r'^jit\([^)]*\)/', '', source)
+    totals[source] += kernel.bytes
+    counts[source] += kernel.trips
+  return [(round(b / 1e9, 2), counts[s], s) for s, b in totals.most_common(top)]
+
+
+def report(hlo: str, top: int, bandwidth: float) -> str:
+  """The total and per-category traffic, then the `top` jax ops by non-matmul traffic."""
+  found = kernels(hlo)
+  totals = summary(found)
+  gb = totals['traffic_gb']
+  lines = [f'{gb:.1f} GB per step ({gb / bandwidth * 1e3:.1f} ms at {bandwidth:g} GB/s), '
+           f'{sum(k.trips for k in found)} kernels: ' + ', '.join(
+               f'{c} {v:.1f}' for c, v in totals['traffic_gb_by_category'].items()),
+           f'{"GB":>8}  {"kernels":>7}  largest non-matmul traffic, by jax op']
+  lines += [f'{gb:8.2f}  {count:7d}  {source}' for gb, count, source in by_source(found, top)]
+  return '\n'.join(lines)
+
+
+def main(argv, hlo: str, top: int, bandwidth: float) -> int:
+  """Prints `report` of the HLO text file `hlo` (gzipped if it ends in .gz); 2 if unreadable."""
+  del argv
+  path = hlo
+  try:
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'rt') as f:
+      text = f.read()
+    print(report(text, top, bandwidth))
+  except (OSError, ValueError) as error:
+    print(f'error: cannot read HLO from {path}: {error}. Pass the text of a compiled '
+          'step: open(path, "w").write(compiled.as_text()).', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  _HLO = flags.DEFINE_string('hlo', None, 'Optimized HLO text (compiled.as_text()), .gz too.',
+                             required=True)
+  _TOP = flags.DEFINE_integer('top', 15, 'How many jax ops to list.', lower_bound=1)
+  _BANDWIDTH = flags.DEFINE_float('bandwidth', 3350, 'GB/s to convert bytes to time '
+                                  '(3,350: an H100 SXM data sheet).')
+  app.run(lambda argv: sys.exit(main(argv, _HLO.value, _TOP.value, _BANDWIDTH.value)))
