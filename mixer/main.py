@@ -22,6 +22,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mixer import config_lib  # noqa: E402
+from mixer.workdir import EXIT_PREEMPTED  # noqa: E402  (stopped with a checkpoint: rerun)
 
 # jax logs at INFO that it found no TPU ("Unable to initialize backend 'tpu'") on
 # every machine without one; its warnings (e.g. a GPU it cannot use) still show.
@@ -41,10 +42,6 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 _VERBOSE = flags.DEFINE_bool(
     'verbose', False, 'Show the traceback of errors with a known cause (also MIXER_VERBOSE=1).')
 
-# Exit status of a run that stopped for a preemption after saving a checkpoint
-# (EX_TEMPFAIL from sysexits.h): rerun the same command to resume. Launch
-# scripts and schedulers requeue on it; 0 means finished, final.npz exported.
-EXIT_PREEMPTED = 75
 flags.mark_flags_as_required(['config', 'workdir'])
 
 

@@ -39,9 +39,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mixer import paths, transfer_tasks
+from mixer.workdir import EXIT_PREEMPTED
 
 RESULT_FILE = 'result.json'
-PREEMPTED_EXIT = 75  # As mixer.main: "stopped with a checkpoint, rerun the same command".
 TABLE_FILE = 'results.md'
 RUN_FILE = 'sweep_run.json'  # What each grid point's workdir was made for.
 
@@ -380,7 +380,7 @@ def main(argv=None) -> int:
                              runner=runner, variant=variant, res=res)
   except Stopped as e:
     print(f'Stopped: {e}', file=sys.stderr)
-    return PREEMPTED_EXIT
+    return EXIT_PREEMPTED
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -27,6 +27,11 @@ from absl import logging
 from mixer import paths
 
 LOCK_FILE = '.lock'
+# Exit status of a run that stopped for a preemption after saving a checkpoint
+# (EX_TEMPFAIL from sysexits.h): rerun the same command on the same workdir to
+# resume. `mixer.main` exits with it, `mixer.sweep` and the launch scripts
+# requeue on it; 0 means finished, final.npz exported.
+EXIT_PREEMPTED = 75
 
 
 class WorkdirLockedError(RuntimeError):
