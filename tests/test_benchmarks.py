@@ -187,6 +187,22 @@ HloModule m, entry_computation_layout={(f32[8,4]{1,0})->f32[8,4]{1,0}}
   ROOT %add = f32[8,4]{1,0} add(%p0, %p1)
 }
 
+%fused_stack (p0: bf16[3,8,4], p1: bf16[1,8,4], p2: s32[]) -> bf16[3,8,4] {
+  %p0 = bf16[3,8,4]{2,1,0} parameter(0)
+  %p1 = bf16[1,8,4]{2,1,0} parameter(1)
+  %p2 = s32[] parameter(2)
+  %zero = s32[] constant(0)
+  ROOT %dus = bf16[3,8,4]{2,1,0} dynamic-update-slice(%p0, %p1, %p2, %zero, %zero)
+}
+
+%fused_slice (p0: f32[3,4,4], p1: s32[]) -> bf16[1,4,4] {
+  %p0 = f32[3,4,4]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  %ds = f32[1,4,4]{2,1,0} dynamic-slice(%p0, %p1, %zero, %zero), dynamic_slice_sizes={1,4,4}
+  ROOT %c = bf16[1,4,4]{2,1,0} convert(%ds)
+}
+
 %body (state: (s32[], f32[8,4], bf16[3,8,4])) -> (s32[], f32[8,4], bf16[3,8,4]) {
   %state = (s32[], f32[8,4]{1,0}, bf16[3,8,4]{2,1,0}) parameter(0)
   %i = s32[] get-tuple-element(%state), index=0
@@ -194,7 +210,9 @@ HloModule m, entry_computation_layout={(f32[8,4]{1,0})->f32[8,4]{1,0}}
   %stack = bf16[3,8,4]{2,1,0} get-tuple-element(%state), index=2
   %loop_add_fusion = f32[8,4]{1,0} fusion(%x, %x), kind=kLoop, calls=%fused_add, metadata={op_name="jit(f)/MixerBlock_0/add"}
   %convert = bf16[1,8,4]{2,1,0} convert(%loop_add_fusion)
-  %loop_dynamic_update_slice_fusion = bf16[3,8,4]{2,1,0} fusion(%stack, %convert, %i), kind=kLoop, calls=%fused_add
+  %weights = f32[3,4,4]{2,1,0} constant({...})
+  %loop_convert_fusion = bf16[1,4,4]{2,1,0} fusion(%weights, %i), kind=kLoop, calls=%fused_slice
+  %loop_dynamic_update_slice_fusion = bf16[3,8,4]{2,1,0} fusion(%stack, %convert, %i), kind=kLoop, calls=%fused_stack
   ROOT %out = (s32[], f32[8,4]{1,0}, bf16[3,8,4]{2,1,0}) tuple(%i, %loop_add_fusion, %loop_dynamic_update_slice_fusion)
 }
 
@@ -216,19 +234,22 @@ ENTRY %main (x: f32[8,4]) -> f32[8,4] {
 
 
 def test_hlo_traffic_counts_operands_and_results_and_loop_trips():
-  """Exact bytes of a hand-written module: a gemm, then a 3-trip loop of an add and a stacking."""
+  """Exact bytes of a hand-written module: a gemm, then a 3-trip loop that reads its slice of
+  a stacked array, adds, and writes its slice of a stack in place."""
   kernels = {k.name: k for k in hlo_traffic.kernels(_LOOP_HLO)}
   assert set(kernels) == {'gemm_fusion_dot', 'loop_add_fusion', 'convert',
-                          'loop_dynamic_update_slice_fusion'}
+                          'loop_convert_fusion', 'loop_dynamic_update_slice_fusion'}
   assert kernels['gemm_fusion_dot'].bytes == 3 * 128  # Two f32[8,4] read, one written.
   assert (kernels['loop_add_fusion'].bytes, kernels['loop_add_fusion'].trips) == (3 * 3 * 128, 3)
   assert kernels['convert'].bytes == 3 * (128 + 64)
   # In place: the bf16[1,8,4] update read and written (and the s32 index), not the stack.
   assert kernels['loop_dynamic_update_slice_fusion'].bytes == 3 * 2 * (64 + 4)
+  # A stacked f32[3,4,4] of which each trip reads its f32[1,4,4] slice (64 B), writes bf16.
+  assert kernels['loop_convert_fusion'].bytes == 3 * (64 + 4 + 32)
   assert kernels['loop_add_fusion'].source == 'jit(f)/MixerBlock_0/add'
   assert {name: k.category for name, k in kernels.items()} == {
       'gemm_fusion_dot': 'matmul', 'loop_add_fusion': 'elementwise', 'convert': 'other',
-      'loop_dynamic_update_slice_fusion': 'slicing'}
+      'loop_convert_fusion': 'elementwise', 'loop_dynamic_update_slice_fusion': 'slicing'}
   assert hlo_traffic.array_bytes('(f32[2,3]{1,0}, bf16[5]{0}, pred[])') == 24 + 10 + 1
 
 

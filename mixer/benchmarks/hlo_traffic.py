@@ -6,21 +6,22 @@ bytes its kernels read and write over the HBM bandwidth. Every top-level kernel
 of the optimized HLO (a fusion, a gemm, a copy) reads its operands and writes
 its result once, so summing operand + result bytes over the kernels that run,
 with loop bodies counted once per trip, estimates the step's HBM traffic
-without running it. In-place updates of a slice (`dynamic-update-slice`) count
-only the slice.
+without running it. A scanned loop reads its block's slice of stacked arrays
+(`dynamic-slice`) and writes its slice in place (`dynamic-update-slice`):
+only the slices count.
 
 The estimate ranks variants the way the H100 did: for the B/16 train step at
-batch 256 it gave 141.8 GB (measured 3,929 img/s), 162.9 GB with `remat=dots`
-(3,433) and 145.4 GB token-major (3,722); see docs/benchmarks.md. It needs only
-a compiled step, so a change can be judged on a machine without the GPU, from
-an HLO compiled for it (docs/benchmarks.md shows how to compile for an H100
-without one) or from the local backend's:
+batch 256, five variants measured there from 141.8 GB (65.2 ms) to 341.3 GB
+(120 ms, scanned without remat) lie within 2.6 ms of one line (docs/benchmarks.md).
+It needs only a compiled step, so a change can be judged on a machine without
+the GPU, from an HLO compiled for it (docs/benchmarks.md shows how to compile
+for an H100 without one) or from the local backend's:
 
   python -m mixer.benchmarks.hlo_traffic --hlo=step.hlo.txt[.gz] --top=15
 
-`compile_bench` records the figure (`traffic_gb`) of every step it compiles.
-XLA's own `cost_analysis()` has no such figure for a GPU compiled without a
-device, and counts a loop body once on the CPU; hence this reader.
+`compile_bench` records it (`traffic_gb_per_device`) for every step it compiles.
+Hand-written because XLA's `cost_analysis()` of a step compiled for a GPU
+without one is empty.
 """
 
 from __future__ import annotations
@@ -96,6 +97,33 @@ def _computations(hlo: str) -> dict[str, list[tuple[str, str, str, str]]]:
   return computations
 
 
+def _sliced_operands(body: list[tuple[str, str, str, str]]) -> tuple[dict[int, int], int | None]:
+  """What a fused computation really touches of its operands.
+
+  Returns ({parameter index: bytes read}, for parameters used only through a
+  `dynamic-slice` (a loop body reading its block's slice of a stacked array),
+  and, if its root is a `dynamic-update-slice` (writing its block's slice of a
+  stacked array in place), the index of the parameter holding that buffer.
+  """
+  parameters, users, slices = {}, collections.defaultdict(list), {}
+  for name, shape, opcode, rest in body:
+    if opcode == 'parameter':
+      parameters[name] = int(re.match(r'(\d+)\)', rest).group(1))
+      continue
+    for position, operand in enumerate(re.findall(r'%([\w.\-]+)', rest.split('), ', 1)[0])):
+      users[operand].append((opcode, position))
+    if opcode == 'dynamic-slice':
+      slices[re.match(r'%([\w.\-]+)', rest).group(1)] = slices.get(
+          re.match(r'%([\w.\-]+)', rest).group(1), 0) + array_bytes(shape)
+  read = {index: slices[name] for name, index in parameters.items()
+          if name in slices and all(op == 'dynamic-slice' and pos == 0
+                                    for op, pos in users[name])}
+  updated = None
+  if body and body[-1][2] == 'dynamic-update-slice':
+    updated = parameters.get(re.match(r'%([\w.\-]+)', body[-1][3]).group(1))
+  return read, updated
+
+
 def kernels(hlo: str) -> list[Kernel]:
   """The kernels of an optimized HLO module (`compiled.as_text()`) that run, with their bytes."""
   computations = _computations(hlo)
@@ -122,11 +150,16 @@ def kernels(hlo: str) -> list[Kernel]:
       operands = [array_bytes(shapes[o]) for o in
                   re.findall(r'%([\w.\-]+)', rest.split('), ', 1)[0]) if o in shapes]
       result = array_bytes(shape)
-      if 'dynamic_update_slice' in name or opcode == 'dynamic-update-slice':
-        # Updated in place: the buffer operand is aliased; the update is read and written.
-        moved = 2 * (sum(operands) - max(operands, default=0))
-      elif 'dynamic_slice' in name or opcode == 'dynamic-slice':
-        moved = 2 * result  # Only the slice is read.
+      fused = re.search(r'calls=%([\w.\-]+)', rest)
+      sliced, updated = _sliced_operands(computations.get(fused.group(1), []) if fused else [])
+      if opcode == 'dynamic-slice':
+        sliced = {0: result}
+      if opcode == 'dynamic-update-slice':
+        updated = 0
+      operands = [sliced.get(i, b) for i, b in enumerate(operands)]
+      if updated is not None:
+        # The buffer is aliased with the result: only the update (and indices) move.
+        moved = 2 * (sum(operands) - operands[updated])
       else:
         moved = sum(operands) + result
       source = re.search(r'op_name="([^"]*)"', rest)
