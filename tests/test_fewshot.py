@@ -129,3 +129,30 @@ def test_evaluator_rejects_bad_dataset_spec(digits):
                                datasets={'digits': ('digits', 'train')})
   with pytest.raises(ValueError, match=r'\(dataset, train_split, test_split\)'):
     fewshot.FewShotEvaluator('fewshot', config, embed_fn, data_fn)
+
+
+def test_examples_per_class_sizes_a_rehearsals_fake_splits():
+  """Each evaluator says what it reads and how many examples of a class it needs there."""
+  from mixer import config_lib, evaluators  # pylint: disable=g-import-not-at-top
+  from mixer.datasets import fake_data  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  config.update(dataset='imagenet21k', train_split='train[:100]')
+  config.evals = {
+      'val': evaluators.settings('classification', split='validation'),
+      # The same split again, from a few-shot probe: the larger need wins, listed once.
+      'fewshot': evaluators.settings('fewshot', shots=(1, 5, 25), datasets={
+          'self': ('imagenet21k', 'validation', 'test'),
+          'pets': ('oxford_iiit_pet', 'train', 'test')}),
+  }
+  assert evaluators.examples_per_class(config) == {
+      ('imagenet21k', 'validation'): 25, ('imagenet21k', 'test'): 0,
+      ('oxford_iiit_pet', 'train'): 25, ('oxford_iiit_pet', 'test'): 0}
+  assert evaluators.data_splits(config) == list(evaluators.examples_per_class(config))
+  train, *evaluated = fake_data.dataset_splits(config)
+  assert train == ('imagenet21k', 'train[:100]', fake_data.EXAMPLES_PER_SPLIT)
+  # Half of the fake examples are of class 0: 2 x 25 + a margin of 10.
+  assert sorted(evaluated) == [
+      ('imagenet21k', 'test', fake_data.EXAMPLES_PER_SPLIT),
+      ('imagenet21k', 'validation', max(60, fake_data.EXAMPLES_PER_SPLIT)),
+      ('oxford_iiit_pet', 'test', fake_data.EXAMPLES_PER_SPLIT),
+      ('oxford_iiit_pet', 'train', max(60, fake_data.EXAMPLES_PER_SPLIT))]

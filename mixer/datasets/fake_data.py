@@ -46,6 +46,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mixer import evaluators
 from mixer.datasets import imagenet21k, prepare, write_tfrecords
 
 EXAMPLES_PER_SPLIT = 24
@@ -147,22 +148,15 @@ def plan(wanted: Iterable[tuple[str, str, int]]) -> Plan:
 def dataset_splits(config) -> list[tuple[str, str, int]]:
   """Every (dataset, split spec, examples needed) the config reads.
 
-  The training set, every classification evaluator's split, and both splits of
-  every few-shot set; a few-shot train split needs one class with the largest
-  shot count of examples (see `fake_example`), so that no shot count is skipped.
+  The training set and every split its evaluators read
+  (`evaluators.examples_per_class`). Half of the fake examples are of class 0
+  (`fake_label`), so a split needing n examples of a class gets 2n plus a
+  margin for slices of shuffled files: no few-shot count is skipped.
   """
   wanted = [(config.dataset, config.train_split, EXAMPLES_PER_SPLIT)]
-  for settings in config.evals.values():
-    if settings.type == 'classification':
-      wanted.append((settings.get('dataset') or config.dataset, settings.split,
-                     EXAMPLES_PER_SPLIT))
-    elif settings.type == 'fewshot':
-      # Half of the examples are of the first class (fake_example), plus a margin
-      # for slices of shuffled files.
-      shots = 2 * max(settings.shots) + 10
-      for dataset, train_split, test_split in settings.datasets.values():
-        wanted += [(dataset, train_split, max(shots, EXAMPLES_PER_SPLIT)),
-                   (dataset, test_split, EXAMPLES_PER_SPLIT)]
+  for (dataset, split), per_class in evaluators.examples_per_class(config).items():
+    wanted.append((dataset, split, max(2 * per_class + 10 if per_class else 0,
+                                       EXAMPLES_PER_SPLIT)))
   return wanted
 
 

@@ -10,7 +10,9 @@
 
 Every type is a module here with `DEFAULTS` (its fields and their defaults,
 documented there), `check(where, settings)`, `data_splits(settings, config)`
-(the (dataset, split) pairs it reads, checked before any state is built) and an
+(the (dataset, split, examples needed per class) it reads: the splits are
+checked before any state is built, and a rehearsal's fake data is sized by the
+counts) and an
 `Evaluator(name, settings, config, setup)` class. An evaluator builds its own data and reads its
 class count from *its* source, never from the training config; it runs every
 `every_steps` (0: only at the end) and at the last step, and its `run(params)`
@@ -81,14 +83,21 @@ def _full_settings(entry) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(TYPES[entry['type']].DEFAULTS, **dict(entry)))
 
 
+def examples_per_class(config: ml_collections.ConfigDict) -> dict[tuple[str, str], int]:
+  """{(dataset, split): examples of a class needed} over the evaluators of `config.evals`.
+
+  In order, once each; the count is the most any evaluator needs of that split.
+  """
+  needed = {}
+  for entry in config.evals.values():
+    for dataset, split, count in TYPES[entry.type].data_splits(_full_settings(entry), config):
+      needed[dataset, split] = max(count, needed.get((dataset, split), 0))
+  return needed
+
+
 def data_splits(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
   """Every (dataset, split) that the evaluators of `config.evals` read, in order, once each."""
-  splits = []
-  for entry in config.evals.values():
-    for pair in TYPES[entry.type].data_splits(_full_settings(entry), config):
-      if pair not in splits:
-        splits.append(pair)
-  return splits
+  return list(examples_per_class(config))
 
 
 def create(config: ml_collections.ConfigDict, setup) -> list[Evaluator]:

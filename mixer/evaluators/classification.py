@@ -52,9 +52,9 @@ def check(where: str, settings: ml_collections.ConfigDict) -> None:
     raise ValueError(f"{where}.split={settings.split!r}: name a split, e.g. 'validation'.")
 
 
-def data_splits(settings: ml_collections.ConfigDict, config) -> list[tuple[str, str]]:
-  """The (dataset, split) this evaluator reads, checked before any state is built."""
-  return [(settings.dataset or config.dataset, settings.split)]
+def data_splits(settings: ml_collections.ConfigDict, config) -> list[tuple[str, str, int]]:
+  """The (dataset, split, examples needed per class) this evaluator reads: any count will do."""
+  return [(settings.dataset or config.dataset, settings.split, 0)]
 
 
 def batch_sums(model, loss_fn, params, batch):

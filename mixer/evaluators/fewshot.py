@@ -195,11 +195,18 @@ def check(where: str, settings: ml_collections.ConfigDict) -> None:
     raise ValueError(f'{where}.num_seeds={settings.num_seeds} must be >= 1.')
 
 
-def data_splits(settings: ml_collections.ConfigDict, config) -> list[tuple[str, str]]:
-  """Every (dataset, split) of the probes, checked before any state is built."""
+def data_splits(settings: ml_collections.ConfigDict, config) -> list[tuple[str, str, int]]:
+  """Every (dataset, split, examples needed per class) of the probes.
+
+  A train split needs the largest shot count of examples of a class (with
+  fewer, that shot count is skipped for the class); a test split, any.
+  """
   del config
-  return [(dataset, split) for dataset, train_split, test_split in dict(settings.datasets).values()
-          for split in (train_split, test_split)]
+  most_shots = max(settings.shots)
+  splits = []
+  for dataset, train_split, test_split in dict(settings.datasets).values():
+    splits += [(dataset, train_split, most_shots), (dataset, test_split, 0)]
+  return splits
 
 
 class FewShotEvaluator:
