@@ -179,14 +179,34 @@ def summary(found: list[Kernel]) -> dict:
                                      for c in CATEGORIES if by_category[c]}}
 
 
+def readable_source(op_name: str) -> str:
+  """A kernel's jax op for people: 'backward MixerBlock_*/channel_mixing/Dense_0/mul'.
+
+  From HLO's op_name ('jit(train_step)/transpose(jvp(MlpMixer))/MlpMixer._blocks/
+  MixerBlock_3/...'): the pass, then the module path with block indices merged;
+  a path that a nested transformation (jax.checkpoint) repeats is written once.
+  """
+  if not op_name:
+    return ''
+  path = re.sub(r'^jit\([^)]*\)/', '', op_name)
+  direction = 'backward' if path.startswith('transpose(') else 'forward'
+  path = re.sub(r'(transpose\()?jvp\([^)]*\)\)?/', '', path)
+  path = re.sub(r'MlpMixer\._blocks/', '', re.sub(r'MixerBlock_\d+', 'MixerBlock_*', path))
+  parts = path.split('/')
+  for size in range(len(parts) // 2, 0, -1):
+    if parts[:size] == parts[size:2 * size]:
+      parts = parts[size:]
+      break
+  return f'{direction} {"/".join(parts)}'
+
+
 def by_source(found: list[Kernel], top: int) -> list[tuple[float, int, str]]:
   """The largest non-matmul traffic per jax op (block indices merged): [(GB, kernels, op)]."""
   totals, counts = collections.Counter(), collections.Counter()
   for kernel in found:
     if kernel.category == 'matmul':
       continue
-    source = re.sub(r'MixerBlock_\d+', 'MixerBlock_*', kernel.source) or kernel.name
-    source = re.sub(r'^jit\([^)]*\)/', '', source)
+    source = readable_source(kernel.source) or kernel.name
     totals[source] += kernel.bytes
     counts[source] += kernel.trips
   return [(round(b / 1e9, 2), counts[s], s) for s, b in totals.most_common(top)]
