@@ -91,8 +91,8 @@ def run(model_name: str = 'Mixer-B_16', image_size: int = 224, repeats: int = 10
       rows.append({
           'benchmark': 'deploy', 'model': model_name, 'image_size': image_size,
           'cores': os.cpu_count(), 'format': label,
-          'file_mib': round(export.size_bytes(path) / 2**20, 1),
-          'batch1_latency_ms': round(1e3 * latency, 1),
+          'file_mib': round(export.size_bytes(path) / 2**20, 3),
+          'batch1_latency_ms': round(1e3 * latency, 3),
           f'batch{big_batch}_img_per_s': round(throughput, 2),
           'top1_agreement_with_jax': float(np.mean(logits.argmax(-1) == reference.argmax(-1))),
           'export_s': round(export_s, 1),
