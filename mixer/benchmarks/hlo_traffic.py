@@ -38,6 +38,7 @@ _BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 'bf16': 2, 'f
 _ARRAY = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([\d,]*)\]')
 _COMPUTATION = re.compile(r'^(ENTRY )?%(\S+) .*\{\s*$')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][\w-]*)\((.*)$')
+_NAME = re.compile(r'%([\w.\-]+)')
 # Instructions that move no data of their own.
 _FREE = frozenset({'parameter', 'get-tuple-element', 'tuple', 'constant', 'bitcast',
                    'after-all', 'partition-id', 'replica-id', 'opt-barrier'})
@@ -97,6 +98,11 @@ def _computations(hlo: str) -> dict[str, list[tuple[str, str, str, str]]]:
   return computations
 
 
+def _operand_names(rest: str) -> list[str]:
+  """The operands of an instruction, from the text after its opcode's '('."""
+  return _NAME.findall(rest.split('), ', 1)[0])
+
+
 def _sliced_operands(body: list[tuple[str, str, str, str]]) -> tuple[dict[int, int], int | None]:
   """What a fused computation really touches of its operands.
 
@@ -110,17 +116,17 @@ def _sliced_operands(body: list[tuple[str, str, str, str]]) -> tuple[dict[int, i
     if opcode == 'parameter':
       parameters[name] = int(re.match(r'(\d+)\)', rest).group(1))
       continue
-    for position, operand in enumerate(re.findall(r'%([\w.\-]+)', rest.split('), ', 1)[0])):
+    operands = _operand_names(rest)
+    for position, operand in enumerate(operands):
       users[operand].append((opcode, position))
     if opcode == 'dynamic-slice':
-      slices[re.match(r'%([\w.\-]+)', rest).group(1)] = slices.get(
-          re.match(r'%([\w.\-]+)', rest).group(1), 0) + array_bytes(shape)
+      slices[operands[0]] = slices.get(operands[0], 0) + array_bytes(shape)
   read = {index: slices[name] for name, index in parameters.items()
           if name in slices and all(op == 'dynamic-slice' and pos == 0
                                     for op, pos in users[name])}
   updated = None
   if body and body[-1][2] == 'dynamic-update-slice':
-    updated = parameters.get(re.match(r'%([\w.\-]+)', body[-1][3]).group(1))
+    updated = parameters.get(_operand_names(body[-1][3])[0])
   return read, updated
 
 
@@ -143,12 +149,11 @@ def kernels(hlo: str) -> list[Kernel]:
              trips * (int(count.group(1)) if count else 1))
         continue
       if opcode in ('call', 'conditional', 'async-start'):
-        for called in re.findall(r'%([\w.\-]+)', rest.split('), ', 1)[-1]):
+        for called in _NAME.findall(rest.split('), ', 1)[-1]):
           if called in computations:
             walk(called, trips)
         continue
-      operands = [array_bytes(shapes[o]) for o in
-                  re.findall(r'%([\w.\-]+)', rest.split('), ', 1)[0]) if o in shapes]
+      operands = [array_bytes(shapes[o]) for o in _operand_names(rest) if o in shapes]
       result = array_bytes(shape)
       fused = re.search(r'calls=%([\w.\-]+)', rest)
       sliced, updated = _sliced_operands(computations.get(fused.group(1), []) if fused else [])
@@ -228,14 +233,13 @@ def report(hlo: str, top: int, bandwidth: float) -> str:
 def main(argv, hlo: str, top: int, bandwidth: float) -> int:
   """Prints `report` of the HLO text file `hlo` (gzipped if it ends in .gz); 2 if unreadable."""
   del argv
-  path = hlo
   try:
-    opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rt') as f:
+    opener = gzip.open if hlo.endswith('.gz') else open
+    with opener(hlo, 'rt') as f:
       text = f.read()
     print(report(text, top, bandwidth))
   except (OSError, ValueError) as error:
-    print(f'error: cannot read HLO from {path}: {error}. Pass the text of a compiled '
+    print(f'error: cannot read HLO from {hlo}: {error}. Pass the text of a compiled '
           'step: open(path, "w").write(compiled.as_text()).', file=sys.stderr)
     return 2
   return 0
