@@ -171,10 +171,6 @@ class LayerNorm(nn.Module):
     return layer_norm(x.astype(jnp.float32), scale, bias).astype(self.dtype)
 
 
-def _layer_norm(dtype, name=None):
-  return LayerNorm(dtype, name=name)
-
-
 def drop_path_rate(stoch_depth, index, num_blocks):
   """Stochastic depth of block `index`: linear from 0 (first block) to `stoch_depth` (last)."""
   return stoch_depth * index / max(num_blocks - 1, 1)
@@ -223,14 +219,14 @@ class MixerBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool, scales=None):
     token_scale, channel_scale = (None, None) if scales is None else (scales[0], scales[1])
-    y = _layer_norm(self.dtype)(x)
+    y = LayerNorm(self.dtype)(x)
     y = jnp.swapaxes(y, 1, 2)  # [N, C, S]: the token MLP mixes along S.
     y = MlpBlock(self.tokens_mlp_dim, TOKENS, TOKEN_MLP, self.dropout_rate,
                  self.dtype, self.recompute_gelu, name='token_mixing')(y, train=train)
     y = jnp.swapaxes(y, 1, 2)
     x = x + _drop_branch(y, token_scale)
     x = nn.with_logical_constraint(x, (BATCH, None, None))
-    y = _layer_norm(self.dtype)(x)
+    y = LayerNorm(self.dtype)(x)
     y = MlpBlock(self.channels_mlp_dim, EMBED, CHANNEL_MLP, self.dropout_rate,
                  self.dtype, self.recompute_gelu, name='channel_mixing')(y, train=train)
     x = x + _drop_branch(y, channel_scale)
@@ -350,7 +346,7 @@ class MlpMixer(nn.Module):
                             self.stoch_depth_rescale)
               if train and self.stoch_depth else None)
     x = self._blocks(x, train, scales)
-    x = _layer_norm(jnp.float32, name='pre_head_layer_norm')(x)
+    x = LayerNorm(jnp.float32, name='pre_head_layer_norm')(x)
     x = jnp.mean(x, axis=1)
     if self.num_classes == 0 or return_prelogits:
       return x.astype(jnp.float32)
