@@ -160,20 +160,39 @@ def test_compile_bench_reports_memory_plan():
 
 
 def test_compile_bench_compiles_for_a_tpu_slice_and_pairs_scanned_with_unscanned():
-  """`--topology`: libtpu compiles the real step for v3-8 cores; the ratio rows pair by setting."""
-  configs = [dict(model='Mixer-S_32', image_size=64, batch_size=8, scan_blocks=scan, remat=remat)
-             for scan, remat in ((False, 'none'), (True, 'dots'))]
+  """`--topology`: libtpu compiles the real step for v3-8 cores; the ratio rows pair by setting,
+  with the one-block step's time over the unscanned one's as the floor."""
+  configs = compile_bench.with_one_block_steps(
+      [dict(model='Mixer-S_32', image_size=64, batch_size=8, scan_blocks=scan, remat=remat)
+       for scan, remat in ((False, 'none'), (True, 'dots'))])
+  assert configs[2] == dict(model='Mixer-S_32', image_size=64, batch_size=8, scan_blocks=False,
+                            remat='none', num_blocks=1)
   records = compile_bench.run_on_topology(configs, 'v3-8')
   assert [(r['device_kind'], r['devices'], r['topology']) for r in records] == [
-      ('TPU v3', 8, 'v3-8')] * 2
+      ('TPU v3', 8, 'v3-8')] * 3
+  assert [r['num_blocks'] for r in records] == [8, 8, 1]  # S/32 has 8 blocks.
+  unscanned, scanned, one_block = records
   [pair] = compile_bench.scan_vs_unscanned(records)
   assert (pair['scanned_remat'], pair['unscanned_remat']) == ('dots', 'none')
   assert pair['cpu_ratio'] == round(
-      records[1]['compile_cpu_seconds'] / records[0]['compile_cpu_seconds'], 3)
+      scanned['compile_cpu_seconds'] / unscanned['compile_cpu_seconds'], 3)
   assert pair['meets_target_cpu'] == (pair['cpu_ratio'] <= compile_bench.SCAN_TARGET)
-  # Records of another batch size are not paired.
-  other = dict(records[0], batch_size=16)
-  assert compile_bench.scan_vs_unscanned([other, records[1]]) == []
+  assert pair['one_block_cpu_seconds'] == one_block['compile_cpu_seconds']
+  assert pair['floor_cpu_ratio'] == round(
+      one_block['compile_cpu_seconds'] / unscanned['compile_cpu_seconds'], 3)
+  # Records of another batch size are not paired; without the one-block step, no floor.
+  assert compile_bench.scan_vs_unscanned([dict(unscanned, batch_size=16), scanned]) == []
+  [pair] = compile_bench.scan_vs_unscanned([unscanned, scanned])
+  assert pair['floor_cpu_ratio'] is None
+
+
+def test_one_block_steps_are_added_only_where_both_layouts_compile():
+  configs = [dict(model='Mixer-L_16', batch_size=32, scan_blocks=scan, remat=remat)
+             for scan, remat in ((False, 'none'), (True, 'none'), (True, 'dots'))]
+  configs.append(dict(model='Mixer-B_16', batch_size=32, scan_blocks=True, remat='dots'))
+  assert compile_bench.with_one_block_steps(configs) == configs + [
+      dict(model='Mixer-L_16', batch_size=32, scan_blocks=False, remat='none', num_blocks=1)]
+  assert compile_bench.with_one_block_steps(configs[1:]) == configs[1:]
 
 
 # --- hlo_traffic: bytes the compiled step's kernels move -----------------------------------

@@ -18,7 +18,12 @@ cores instead, compile-only, through libtpu on the CPU host (as
 `mixer.compile_check` does): what a pod run compiles at every start.
 
 `scan_vs_unscanned` pairs the records of one run that differ only in
-`scan_blocks` and gives the compile-time ratio (target <= 1/4).
+`scan_blocks` and gives the compile-time ratio (target <= 1/4). Beside it, the
+ratio's floor: the unscanned step with a single block (`with_one_block_steps`
+adds it to a run's configs) over the unscanned step. A scanned step still
+compiles one block's kernels, and the unrolled step compiles them only once
+too (XLA reuses a kernel for identical fusions), so scanning saves only the
+per-block rest: the floor is about the lowest ratio scanning can reach.
 
 `persistent_cache` starts two processes that compile the same step with the
 persistent compilation cache (`mixer.compile_cache`) in a fresh directory: the
@@ -76,6 +81,7 @@ def run(topology: str | None = None, **config_kwargs) -> dict[str, Any]:
   mib = 2.0 ** 20
   return {
       'benchmark': 'compile', **model_bench.config_fields(config),
+      'num_blocks': setup.model.num_blocks,
       'mesh': dict(setup.mesh.shape), 'devices': len(devices), 'topology': topology,
       'device_kind': devices[0].device_kind, 'compile_seconds': round(seconds, 2),
       # CPU time of this process (all threads): robust to other load on the machine.
@@ -119,20 +125,37 @@ def run_on_topology(configs: list[dict], topology: str) -> list[dict]:
   return _subprocess(configs, 1, topology=topology)
 
 
+def with_one_block_steps(configs: list[dict]) -> list[dict]:
+  """`configs` plus, for each setting compiled both scanned and unscanned, its unscanned
+  one-block step (no remat): the floor `scan_vs_unscanned` reports."""
+  def setting(kwargs):
+    return tuple(sorted((k, v) for k, v in kwargs.items()
+                        if k not in ('scan_blocks', 'remat', 'num_blocks')))
+  scans = {}
+  for kwargs in configs:
+    scans.setdefault(setting(kwargs), set()).add(bool(kwargs.get('scan_blocks')))
+  extra = {setting(kwargs): dict(kwargs, scan_blocks=False, remat='none', num_blocks=1)
+           for kwargs in configs if scans[setting(kwargs)] == {False, True}}
+  return configs + list(extra.values())
+
+
 def scan_vs_unscanned(records: list[dict]) -> list[dict[str, Any]]:
   """Each scanned compile record against the unscanned one of the same run and setting.
 
   A scanned record with `remat` R is compared with the unscanned record with
   the same R, and also with the unscanned one without remat when there is one
-  (the step as it was before scanning and remat existed).
+  (the step as it was before scanning and remat existed). Where the run also
+  compiled the one-block step (`with_one_block_steps`), `floor_cpu_ratio` is its
+  CPU time over the unscanned step's.
   """
-  def setting(r):
+  def setting(r, num_blocks=None):
     return (r['model'], r['image_size'], r['batch_size'], r['dtype'], r['devices'],
-            r.get('topology'))
-  unscanned = {(setting(r), r['remat']): r for r in records
-               if r.get('benchmark') == 'compile' and not r['scan_blocks']}
+            r.get('topology'), num_blocks or r['num_blocks'])
+  compiles = [r for r in records if r.get('benchmark') == 'compile']
+  unscanned = {(setting(r), r['remat']): r for r in compiles if not r['scan_blocks']}
   pairs = []
-  for scanned in (r for r in records if r.get('benchmark') == 'compile' and r['scan_blocks']):
+  for scanned in (r for r in compiles if r['scan_blocks']):
+    floor = unscanned.get((setting(scanned, num_blocks=1), 'none'))
     for remat in dict.fromkeys((scanned['remat'], 'none')):
       base = unscanned.get((setting(scanned), remat))
       if base is None:
@@ -144,11 +167,15 @@ def scan_vs_unscanned(records: list[dict]) -> list[dict[str, Any]]:
           'image_size': scanned['image_size'], 'batch_size': scanned['batch_size'],
           'dtype': scanned['dtype'], 'devices': scanned['devices'],
           'device_kind': scanned['device_kind'], 'topology': scanned.get('topology'),
+          'num_blocks': scanned['num_blocks'],
           'scanned_remat': scanned['remat'], 'unscanned_remat': remat,
           'scanned_cpu_seconds': scanned['compile_cpu_seconds'],
           'unscanned_cpu_seconds': base['compile_cpu_seconds'],
           'cpu_ratio': round(cpu, 3), 'wall_ratio': round(wall, 3), 'target': SCAN_TARGET,
           'meets_target_cpu': cpu <= SCAN_TARGET, 'meets_target_wall': wall <= SCAN_TARGET,
+          'one_block_cpu_seconds': None if floor is None else floor['compile_cpu_seconds'],
+          'floor_cpu_ratio': None if floor is None else round(
+              floor['compile_cpu_seconds'] / base['compile_cpu_seconds'], 3),
       })
   return pairs
 

@@ -54,10 +54,16 @@ PAPER_IMG_PER_SEC_PER_CORE = {'Mixer-S_32': 11489, 'Mixer-S_16': 3994, 'Mixer-B_
 
 def bench_config(model: str = 'Mixer-S_32', batch_size: int = 16, image_size: int = 224,
                  dtype: str = 'float32', scan_blocks: bool = False, remat: str = 'none',
-                 fsdp: int = 1, num_classes: int = 1000) -> ml_collections.ConfigDict:
-  """The base config with a model, batch, resolution, dtype and mesh: what every bench builds."""
+                 fsdp: int = 1, num_classes: int = 1000,
+                 num_blocks: int | None = None) -> ml_collections.ConfigDict:
+  """The base config with a model, batch, resolution, dtype and mesh: what every bench builds.
+
+  `num_blocks` overrides the variant's depth (None: the variant's own).
+  """
   config = config_lib.base_config()
   config.model.name = model
+  if num_blocks is not None:
+    config.model.num_blocks = num_blocks
   config.model.scan_blocks = scan_blocks
   config.model.remat = remat
   config.update(image_size=image_size, num_classes=num_classes, batch_size=batch_size,

@@ -7,7 +7,8 @@
            of --devices (fake CPU devices, FSDP over all of them)  (compile_bench)
            or, with --topology=v3-256, for a TPU slice (libtpu,
            compile-only); with --scan_blocks=false,true also the
-           scanned/unscanned compile-time ratio, and the bytes its
+           scanned/unscanned compile-time ratio beside its floor (the
+           unscanned one-block step, compiled too), and the bytes its
            kernels move per step (hlo_traffic: memory-bound cost)
   cache    first vs second start with the persistent compile cache (compile_bench)
   e2e      the trainer on 'synthetic' data vs the bare train step   (e2e_bench)
@@ -78,7 +79,7 @@ _COLUMNS = {
                 ('GFLOP/img', 'model_gflops_per_image'), ('MFU', 'mfu'),
                 ('cpu ms/img', 'cpu_ms_per_image'), ('MFU cpu-time', 'mfu_cpu_time'),
                 ('mem MiB', 'memory_bytes_per_device')],
-    'compile': [('devices', 'devices'), ('compile s', 'compile_seconds'),
+    'compile': [('blocks', 'num_blocks'), ('devices', 'devices'), ('compile s', 'compile_seconds'),
                 ('cpu s', 'compile_cpu_seconds'), ('params MiB', 'params_mib_per_device'),
                 ('opt MiB', 'opt_state_mib_per_device'), ('args MiB', 'argument_mib_per_device'),
                 ('temp MiB', 'temp_mib_per_device'), ('donated MiB', 'alias_mib_per_device'),
@@ -88,7 +89,8 @@ _COLUMNS = {
                           ('scanned cpu s', 'scanned_cpu_seconds'),
                           ('unscanned cpu s', 'unscanned_cpu_seconds'),
                           ('cpu ratio', 'cpu_ratio'), ('wall ratio', 'wall_ratio'),
-                          ('target', 'target')],
+                          ('target', 'target'), ('1-block cpu s', 'one_block_cpu_seconds'),
+                          ('floor', 'floor_cpu_ratio')],
     'cache': [('1st cpu s', 'first_start_compile_cpu_seconds'),
               ('2nd cpu s', 'second_start_compile_cpu_seconds'),
               ('2nd/1st', 'second_over_first'), ('target', 'target_second_over_first')],
@@ -182,12 +184,13 @@ def main(argv):
       from mixer.benchmarks import compile_bench
     if 'compile' in chosen:
       compiled = []
+      compile_combos = compile_bench.with_one_block_steps(combos)
       if _TOPOLOGY.value:
-        compiled += compile_bench.run_on_topology(combos, _TOPOLOGY.value)
+        compiled += compile_bench.run_on_topology(compile_combos, _TOPOLOGY.value)
       else:
         for devices in (int(d) for d in _DEVICES.value):
           compiled += compile_bench.run_on_devices(
-              [dict(kwargs, fsdp=devices) for kwargs in combos], devices)
+              [dict(kwargs, fsdp=devices) for kwargs in compile_combos], devices)
       for record in compiled + compile_bench.scan_vs_unscanned(compiled):
         emit(record)
     if 'cache' in chosen:
