@@ -57,11 +57,12 @@ def _scanned_blocks(config):
   """Blocks under nn.scan with remat of everything but the matmul outputs ('dots').
 
   Measured with mixer.benchmarks (docs/benchmarks.md): scanning compiles the
-  L/16 step for v3-256 in 0.30 of the unscanned time (136 vs 454 s) and H/14 in
-  0.29 (CPU time); the persistent cache then restarts it in 0.11 of a cold
-  compile. Scanning alone keeps every block's activations stacked (12.9 GiB per
-  v3 core for L/16), so it goes with remat='dots' (6.1 GiB). Released `.npz`
-  files keep their per-block layout (mixer.param_layout converts at load and save).
+  L/16 step for v3-256 in 0.35-0.42 of the unscanned CPU time (18.6 vs 48-54
+  CPU-s; 0.28-0.33 in wall time on 2 cores) and H/14 on one CPU device in
+  0.27-0.35; the persistent cache then restarts it in 0.11 of a cold compile.
+  Scanning alone keeps every block's residuals stacked (7.7 GiB per v3 core for
+  L/16), so it goes with remat='dots' (6.1 GiB). Released `.npz` files keep
+  their per-block layout (mixer.param_layout converts at load and save).
   """
   config.model.scan_blocks = True
   config.model.remat = 'dots'

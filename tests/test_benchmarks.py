@@ -161,12 +161,13 @@ def test_compile_bench_reports_memory_plan():
 
 def test_compile_bench_compiles_for_a_tpu_slice_and_pairs_scanned_with_unscanned():
   """`--topology`: libtpu compiles the real step for v3-8 cores; the ratio rows pair by setting,
-  with the one-block step's time over the unscanned one's as the floor."""
+  with the one-block step's time (same remat as the scanned step) over the unscanned one's as
+  the floor."""
   configs = compile_bench.with_one_block_steps(
       [dict(model='Mixer-S_32', image_size=64, batch_size=8, scan_blocks=scan, remat=remat)
        for scan, remat in ((False, 'none'), (True, 'dots'))])
   assert configs[2] == dict(model='Mixer-S_32', image_size=64, batch_size=8, scan_blocks=False,
-                            remat='none', num_blocks=1)
+                            remat='dots', num_blocks=1)
   records = compile_bench.run_on_topology(configs, 'v3-8')
   assert [(r['device_kind'], r['devices'], r['topology']) for r in records] == [
       ('TPU v3', 8, 'v3-8')] * 3
@@ -191,7 +192,8 @@ def test_one_block_steps_are_added_only_where_both_layouts_compile():
              for scan, remat in ((False, 'none'), (True, 'none'), (True, 'dots'))]
   configs.append(dict(model='Mixer-B_16', batch_size=32, scan_blocks=True, remat='dots'))
   assert compile_bench.with_one_block_steps(configs) == configs + [
-      dict(model='Mixer-L_16', batch_size=32, scan_blocks=False, remat='none', num_blocks=1)]
+      dict(model='Mixer-L_16', batch_size=32, scan_blocks=False, remat=remat, num_blocks=1)
+      for remat in ('none', 'dots')]
   assert compile_bench.with_one_block_steps(configs[1:]) == configs[1:]
 
 

@@ -19,8 +19,8 @@ cores instead, compile-only, through libtpu on the CPU host (as
 
 `scan_vs_unscanned` pairs the records of one run that differ only in
 `scan_blocks` and gives the compile-time ratio (target <= 1/4). Beside it, the
-ratio's floor: the unscanned step with a single block (`with_one_block_steps`
-adds it to a run's configs) over the unscanned step. A scanned step still
+ratio's floor: the unscanned step with a single block and the same remat
+(`with_one_block_steps` adds it to a run's configs) over the unscanned step. A scanned step still
 compiles one block's kernels, and the unrolled step compiles them only once
 too (XLA reuses a kernel for identical fusions), so scanning saves only the
 per-block rest: the floor is about the lowest ratio scanning can reach.
@@ -126,16 +126,18 @@ def run_on_topology(configs: list[dict], topology: str) -> list[dict]:
 
 
 def with_one_block_steps(configs: list[dict]) -> list[dict]:
-  """`configs` plus, for each setting compiled both scanned and unscanned, its unscanned
-  one-block step (no remat): the floor `scan_vs_unscanned` reports."""
+  """`configs` plus the floor `scan_vs_unscanned` reports: for each setting compiled both
+  scanned and unscanned, the unscanned one-block step with each remat of its scanned ones."""
   def setting(kwargs):
     return tuple(sorted((k, v) for k, v in kwargs.items()
                         if k not in ('scan_blocks', 'remat', 'num_blocks')))
   scans = {}
   for kwargs in configs:
     scans.setdefault(setting(kwargs), set()).add(bool(kwargs.get('scan_blocks')))
-  extra = {setting(kwargs): dict(kwargs, scan_blocks=False, remat='none', num_blocks=1)
-           for kwargs in configs if scans[setting(kwargs)] == {False, True}}
+  extra = {(setting(kwargs), kwargs.get('remat', 'none')):
+           dict(kwargs, scan_blocks=False, num_blocks=1)
+           for kwargs in configs
+           if kwargs.get('scan_blocks') and scans[setting(kwargs)] == {False, True}}
   return configs + list(extra.values())
 
 
@@ -145,8 +147,8 @@ def scan_vs_unscanned(records: list[dict]) -> list[dict[str, Any]]:
   A scanned record with `remat` R is compared with the unscanned record with
   the same R, and also with the unscanned one without remat when there is one
   (the step as it was before scanning and remat existed). Where the run also
-  compiled the one-block step (`with_one_block_steps`), `floor_cpu_ratio` is its
-  CPU time over the unscanned step's.
+  compiled the one-block step with the scanned record's remat
+  (`with_one_block_steps`), `floor_cpu_ratio` is its CPU time over the unscanned step's.
   """
   def setting(r, num_blocks=None):
     return (r['model'], r['image_size'], r['batch_size'], r['dtype'], r['devices'],
@@ -155,7 +157,7 @@ def scan_vs_unscanned(records: list[dict]) -> list[dict[str, Any]]:
   unscanned = {(setting(r), r['remat']): r for r in compiles if not r['scan_blocks']}
   pairs = []
   for scanned in (r for r in compiles if r['scan_blocks']):
-    floor = unscanned.get((setting(scanned, num_blocks=1), 'none'))
+    floor = unscanned.get((setting(scanned, num_blocks=1), scanned['remat']))
     for remat in dict.fromkeys((scanned['remat'], 'none')):
       base = unscanned.get((setting(scanned), remat))
       if base is None:
