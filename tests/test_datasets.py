@@ -90,6 +90,22 @@ def test_imagefolder_reads_labels_in_sorted_class_order(tmp_path):
   assert not parts[0] & parts[1] and len(parts[0] | parts[1]) == 9
 
 
+def test_imagefolder_lists_each_class_folder_once_and_never_stats_an_image(tmp_path, monkeypatch):
+  """On gs:// every listing and stat is a request: ImageNet has 1.3M images in 1000 folders."""
+  root = make_imagefolder(tmp_path)
+  (root / 'train' / 'cat' / 'notes.txt').write_text('not an image')
+  (root / 'train' / 'cat' / '.DS_Store').write_bytes(b'')
+  listed, stat = [], []
+  listdir, isdir = tf.io.gfile.listdir, tf.io.gfile.isdir
+  monkeypatch.setattr(tf.io.gfile, 'listdir', lambda p: listed.append(str(p)) or listdir(p))
+  monkeypatch.setattr(tf.io.gfile, 'isdir', lambda p: stat.append(str(p)) or isdir(p))
+  source = datasets.get_source(f'imagefolder:{root}')
+  assert source.num_examples('train') == 9 and source.num_examples('test') == 4
+  assert len(listed) == len(set(listed)) == 1 + 2 + 2 * 3  # root, splits, class folders.
+  assert [p for p in stat if p.endswith(('.png', '.jpg'))] == []
+  assert any(p.endswith('notes.txt') for p in stat)  # Only non-images are checked.
+
+
 def test_imagefolder_wrong_layouts_are_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='not a directory'):
     datasets.get_source(f'imagefolder:{tmp_path / "missing"}')

@@ -31,11 +31,26 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
 _LAYOUT = '<root>/<split>/<class>/<image>'
 
 
-def _holds_images(folder: str) -> bool:
-  """Whether a class folder has an image (or a subfolder, which listing reports as an error)."""
-  entries = [e for e in tf.io.gfile.listdir(folder) if not e.startswith('.')]
-  return any(e.lower().endswith(IMAGE_EXTENSIONS) for e in entries) or any(
-      tf.io.gfile.isdir(os.path.join(folder, e.rstrip('/'))) for e in entries)
+def _is_image(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _list_folder(folder: str) -> tuple[list[str], list[str]]:
+  """(files, folders) of `folder`, sorted, hidden entries (.DS_Store, ...) left out.
+
+  Cloud listings (gs://) already end folder names with '/'; elsewhere only the
+  entries without an image extension are checked: a class folder on GCS can hold
+  thousands of images, and a stat call per image would take hours for ImageNet.
+  """
+  files, folders = [], []
+  for entry in sorted(tf.io.gfile.listdir(folder)):
+    name = entry.rstrip('/')
+    if name.startswith('.'):
+      continue
+    is_folder = entry.endswith('/') or (
+        not _is_image(name) and tf.io.gfile.isdir(os.path.join(folder, name)))
+    (folders if is_folder else files).append(name)
+  return files, folders
 
 
 class ImageFolderSource(core.DataSource):
@@ -45,6 +60,7 @@ class ImageFolderSource(core.DataSource):
     self.name = f'imagefolder:{root}'
     self._root = root
     self._files_cache = {}
+    self._class_listings = {}  # Class folder -> (files, folders): each is listed once.
     if not root or not tf.io.gfile.isdir(root):
       raise FileNotFoundError(
           f'imagefolder root {root!r} is not a directory. Expected the layout {_LAYOUT}; '
@@ -65,8 +81,8 @@ class ImageFolderSource(core.DataSource):
     # A class folder without images in any split would add a class no example has
     # (a silently wider head, a softmax over a class that never occurs).
     empty = [c for c in self._classes if not any(
-        _holds_images(os.path.join(root, split, c)) for split, classes in per_split.items()
-        if c in classes)]
+        self._holds_images(os.path.join(root, split, c))
+        for split, classes in per_split.items() if c in classes)]
     if empty:
       raise ValueError(
           f'imagefolder {root!r}: the class folder(s) {empty[:10]} hold no images in any split '
@@ -79,11 +95,19 @@ class ImageFolderSource(core.DataSource):
                         'keep their label ids from the other splits.', root, split,
                         missing[:10])
 
+  def _class_listing(self, class_dir: str) -> tuple[list[str], list[str]]:
+    if class_dir not in self._class_listings:
+      self._class_listings[class_dir] = _list_folder(class_dir)
+    return self._class_listings[class_dir]
+
+  def _holds_images(self, class_dir: str) -> bool:
+    """Whether a class folder has an image (or a subfolder, which listing reports as an error)."""
+    files, folders = self._class_listing(class_dir)
+    return bool(folders) or any(_is_image(f) for f in files)
+
   def _class_folders(self, split: str) -> list[str]:
     split_dir = os.path.join(self._root, split)
-    entries = sorted(e.rstrip('/') for e in tf.io.gfile.listdir(split_dir))
-    entries = [e for e in entries if not e.startswith('.')]
-    files = [e for e in entries if not tf.io.gfile.isdir(os.path.join(split_dir, e))]
+    files, entries = _list_folder(split_dir)
     if files:
       raise ValueError(
           f'imagefolder split folder {split_dir!r} contains files {files[:5]}, but it must '
@@ -121,17 +145,17 @@ class ImageFolderSource(core.DataSource):
     examples = []
     for label, class_name in enumerate(self._classes):
       class_dir = os.path.join(split_dir, class_name)
-      if not tf.io.gfile.isdir(class_dir):
+      if class_dir not in self._class_listings and not tf.io.gfile.isdir(class_dir):
         continue
-      for entry in sorted(tf.io.gfile.listdir(class_dir)):
-        entry = entry.rstrip('/')
-        path = os.path.join(class_dir, entry)
-        if tf.io.gfile.isdir(path):
-          raise ValueError(
-              f'imagefolder class folder {class_dir!r} contains the folder {entry!r}; '
-              f'nested folders are not supported (layout {_LAYOUT}). Move its images '
-              'up into the class folder or make it a class of its own.')
-        if entry.startswith('.') or not entry.lower().endswith(IMAGE_EXTENSIONS):
+      files, folders = self._class_listing(class_dir)
+      if folders:
+        raise ValueError(
+            f'imagefolder class folder {class_dir!r} contains the folder {folders[0]!r}; '
+            f'nested folders are not supported (layout {_LAYOUT}). Move its images '
+            'up into the class folder or make it a class of its own.')
+      for name in files:
+        path = os.path.join(class_dir, name)
+        if not _is_image(name):
           logging.warning('imagefolder: skipping %s (not an image file; extensions read: '
                           '%s).', path, ', '.join(IMAGE_EXTENSIONS))
           continue
