@@ -20,10 +20,11 @@ cores instead, compile-only, through libtpu on the CPU host (as
 `scan_vs_unscanned` pairs the records of one run that differ only in
 `scan_blocks` and gives the compile-time ratio (target <= 1/4). Beside it, the
 ratio's floor: the unscanned step with a single block and the same remat
-(`with_one_block_steps` adds it to a run's configs) over the unscanned step. A scanned step still
-compiles one block's kernels, and the unrolled step compiles them only once
-too (XLA reuses a kernel for identical fusions), so scanning saves only the
-per-block rest: the floor is about the lowest ratio scanning can reach.
+(`with_one_block_steps` adds it to a run's configs) over the unscanned step.
+A scanned step still compiles one block's kernels, and the unrolled step
+compiles them only once too (XLA reuses a kernel for identical fusions), so
+scanning saves only the per-block rest: the floor is about the lowest ratio
+scanning can reach (docs/benchmarks.md).
 
 `persistent_cache` starts two processes that compile the same step with the
 persistent compilation cache (`mixer.compile_cache`) in a fresh directory: the
