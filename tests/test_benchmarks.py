@@ -216,11 +216,12 @@ HloModule m, entry_computation_layout={(f32[8,4]{1,0})->f32[8,4]{1,0}}
   ROOT %dus = bf16[3,8,4]{2,1,0} dynamic-update-slice(%p0, %p1, %p2, %zero, %zero)
 }
 
-%fused_slice (p0: f32[3,4,4], p1: s32[]) -> bf16[1,4,4] {
-  %p0 = f32[3,4,4]{2,1,0} parameter(0)
+%fused_slice (p0: f32[3,16], p1: s32[]) -> bf16[1,4,4] {
+  %p0 = f32[3,16]{1,0} parameter(0)
+  %view = f32[3,4,4]{2,1,0} bitcast(%p0)
   %p1 = s32[] parameter(1)
   %zero = s32[] constant(0)
-  %ds = f32[1,4,4]{2,1,0} dynamic-slice(%p0, %p1, %zero, %zero), dynamic_slice_sizes={1,4,4}
+  %ds = f32[1,4,4]{2,1,0} dynamic-slice(%view, %p1, %zero, %zero), dynamic_slice_sizes={1,4,4}
   ROOT %c = bf16[1,4,4]{2,1,0} convert(%ds)
 }
 
@@ -231,7 +232,7 @@ HloModule m, entry_computation_layout={(f32[8,4]{1,0})->f32[8,4]{1,0}}
   %stack = bf16[3,8,4]{2,1,0} get-tuple-element(%state), index=2
   %loop_add_fusion = f32[8,4]{1,0} fusion(%x, %x), kind=kLoop, calls=%fused_add, metadata={op_name="jit(f)/MixerBlock_0/add"}
   %convert = bf16[1,8,4]{2,1,0} convert(%loop_add_fusion)
-  %weights = f32[3,4,4]{2,1,0} constant({...})
+  %weights = f32[3,16]{1,0} constant({...})
   %loop_convert_fusion = bf16[1,4,4]{2,1,0} fusion(%weights, %i), kind=kLoop, calls=%fused_slice
   %loop_dynamic_update_slice_fusion = bf16[3,8,4]{2,1,0} fusion(%stack, %convert, %i), kind=kLoop, calls=%fused_stack
   ROOT %out = (s32[], f32[8,4]{1,0}, bf16[3,8,4]{2,1,0}) tuple(%i, %loop_add_fusion, %loop_dynamic_update_slice_fusion)
@@ -265,7 +266,8 @@ def test_hlo_traffic_counts_operands_and_results_and_loop_trips():
   assert kernels['convert'].bytes == 3 * (128 + 64)
   # In place: the bf16[1,8,4] update read and written (and the s32 index), not the stack.
   assert kernels['loop_dynamic_update_slice_fusion'].bytes == 3 * 2 * (64 + 4)
-  # A stacked f32[3,4,4] of which each trip reads its f32[1,4,4] slice (64 B), writes bf16.
+  # A stack (f32[3,16], read as f32[3,4,4] through a bitcast, which moves nothing) of which
+  # each trip reads its f32[1,4,4] slice (64 B), and writes it as bf16.
   assert kernels['loop_convert_fusion'].bytes == 3 * (64 + 4 + 32)
   assert kernels['loop_add_fusion'].source == 'jit(f)/MixerBlock_0/add'
   assert {name: k.category for name, k in kernels.items()} == {

@@ -11,8 +11,9 @@ without running it. A scanned loop reads its block's slice of stacked arrays
 only the slices count.
 
 The estimate ranks variants the way the H100 did: for the B/16 train step at
-batch 256, five variants measured there from 141.8 GB (65.2 ms) to 341.3 GB
-(120 ms, scanned without remat) lie within 2.6 ms of one line (docs/benchmarks.md).
+batch 256, five variants measured there from 141.8 GB (65.2 ms) to 320.0 GB
+(120 ms, scanned without remat) lie within 3.1 ms of one line whose slope is
+the H100's HBM bandwidth (docs/benchmarks.md).
 It needs only a compiled step, so a change can be judged on a machine without
 the GPU, from an HLO compiled for it (docs/benchmarks.md shows how to compile
 for an H100 without one) or from the local backend's:
@@ -110,13 +111,20 @@ def _sliced_operands(body: list[tuple[str, str, str, str]]) -> tuple[dict[int, i
   `dynamic-slice` (a loop body reading its block's slice of a stacked array),
   and, if its root is a `dynamic-update-slice` (writing its block's slice of a
   stacked array in place), the index of the parameter holding that buffer.
+  A `bitcast` of a parameter (e.g. a stack read in another layout) is the
+  parameter itself: it moves no bytes.
   """
   parameters, users, slices = {}, collections.defaultdict(list), {}
+  parameter_of = {}  # A parameter, or a bitcast of one -> that parameter.
   for name, shape, opcode, rest in body:
     if opcode == 'parameter':
       parameters[name] = int(re.match(r'(\d+)\)', rest).group(1))
+      parameter_of[name] = name
       continue
-    operands = _operand_names(rest)
+    operands = [parameter_of.get(o, o) for o in _operand_names(rest)]
+    if opcode == 'bitcast' and operands[0] in parameters:
+      parameter_of[name] = operands[0]
+      continue
     for position, operand in enumerate(operands):
       users[operand].append((opcode, position))
     if opcode == 'dynamic-slice':
@@ -126,7 +134,8 @@ def _sliced_operands(body: list[tuple[str, str, str, str]]) -> tuple[dict[int, i
                                     for op, pos in users[name])}
   updated = None
   if body and body[-1][2] == 'dynamic-update-slice':
-    updated = parameters.get(_operand_names(body[-1][3])[0])
+    buffer = _operand_names(body[-1][3])[0]
+    updated = parameters.get(parameter_of.get(buffer, buffer))
   return read, updated
 
 
