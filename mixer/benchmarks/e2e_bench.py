@@ -46,6 +46,9 @@ def run(steps: int = 12, log_every: int = 3, **config_kwargs) -> dict[str, Any]:
     settings.every_steps = steps
     settings.split = 'test[:16]'
   config.eval_batch_size = 16
+  # No persistent cache: it would live in the temporary workdir, and JAX would go on
+  # writing the bare step's compilations into it after the folder is deleted.
+  config.compilation_cache_dir = 'off'
   with tempfile.TemporaryDirectory() as workdir:
     train.train_and_evaluate(config, workdir)
     rates = _trainer_rates(workdir)
