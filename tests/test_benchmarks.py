@@ -70,13 +70,17 @@ def test_table_has_a_block_per_benchmark_with_values():
        'dtype': 'float32', 'scan_blocks': False, 'remat': 'none', 'device_kind': 'cpu',
        'img_per_sec_per_device': 3.08, 'step_seconds': 2.5934, 'model_gflops_per_image': 6.015,
        'mfu': 0.5472, 'memory_bytes_per_device': 478233064},
-      {'benchmark': 'cache', 'model': 'Mixer-S_32', 'first_start_compile_cpu_seconds': 10.0,
-       'second_start_compile_cpu_seconds': 1.0, 'second_over_first': 0.1,
-       'target_second_over_first': 0.2},
+      {'benchmark': 'cache', 'model': 'Mixer-S_32', 'device_kind': 'cpu',
+       'first_start_compile_cpu_seconds': 10.0, 'second_start_compile_cpu_seconds': 1.0,
+       'second_over_first': 0.1, 'target_second_over_first': 0.2},
+      {'benchmark': 'input', 'cores': 2, 'images_per_sec_per_core': 380.0},
   ]
   table = bench_run.format_table(records)
-  assert '== train (cpu) ==' in table and '== cache' in table
-  train_lines = table.split('\n\n')[0].splitlines()
+  assert '== train (cpu) ==' in table and '== cache (cpu) ==' in table
+  assert '== input (2 CPU cores) ==' in table
+  # A record that names no device gets a plain heading, not '(None CPU cores)'.
+  assert bench_run.format_table([dict(records[1], device_kind=None)]).startswith('== cache ==\n')
+  train_lines = next(b for b in table.split('\n\n') if b.startswith('== train')).splitlines()
   assert train_lines[1].split()[:3] == ['model', 'res', 'batch']
   assert train_lines[3].split() == ['Mixer-S_32', '224', '8', 'float32', 'False', 'none', '3.08',
                                     '2593.4', '6.01', '0.547', '-', '-', '456']
@@ -146,6 +150,7 @@ def test_run_cli_writes_json_lines_and_a_table(tmp_path):
   e2e = records[-2]
   assert e2e['trainer_img_per_sec_per_device'] > 0 and e2e['trainer_over_bare'] > 0
   assert '== e2e (cpu) ==' in done.stdout and 'trainer/bare' in done.stdout
+  assert 'Error writing persistent compilation cache' not in done.stderr
   assert '== profile (cpu) ==' in done.stdout and (tmp_path / 'profile' / '0').is_dir()
 
 

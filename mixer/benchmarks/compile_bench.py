@@ -191,7 +191,7 @@ def persistent_cache(config_kwargs: dict) -> dict[str, Any]:
     entries = len(os.listdir(cache_dir))
   ratio = second['compile_cpu_seconds'] / first['compile_cpu_seconds']
   return {
-      'benchmark': 'cache', 'model': first['model'],
+      'benchmark': 'cache', 'model': first['model'], 'device_kind': first['device_kind'],
       'image_size': first['image_size'], 'batch_size': first['batch_size'],
       'scan_blocks': first['scan_blocks'], 'remat': first['remat'],
       'first_start_compile_seconds': first['compile_seconds'],

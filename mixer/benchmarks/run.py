@@ -136,8 +136,10 @@ def format_table(records: list[dict]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     lines = ['  '.join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table]
     lines.insert(1, '  '.join('-' * w for w in widths))
-    device = rows[0].get('device_kind', f'{rows[0].get("cores")} CPU cores')
-    blocks.append(f'== {kind} ({device}) ==\n' + '\n'.join(lines))
+    cores = rows[0].get('cores')
+    device = rows[0].get('device_kind') or (f'{cores} CPU cores' if cores else None)
+    heading = f'== {kind} ({device}) ==' if device else f'== {kind} =='
+    blocks.append(heading + '\n' + '\n'.join(lines))
   return '\n\n'.join(blocks)
 
 
