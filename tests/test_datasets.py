@@ -95,6 +95,7 @@ def test_imagefolder_lists_each_class_folder_once_and_never_stats_an_image(tmp_p
   root = make_imagefolder(tmp_path)
   (root / 'train' / 'cat' / 'notes.txt').write_text('not an image')
   (root / 'train' / 'cat' / '.DS_Store').write_bytes(b'')
+  (root / 'train' / 'cat' / '.ipynb_checkpoints').mkdir()  # Hidden: ignored, not nested.
   listed, stat = [], []
   listdir, isdir = tf.io.gfile.listdir, tf.io.gfile.isdir
   monkeypatch.setattr(tf.io.gfile, 'listdir', lambda p: listed.append(str(p)) or listdir(p))
