@@ -77,6 +77,7 @@ class ImageFolderSource(core.DataSource):
       raise ValueError(f'imagefolder root {root!r} has no split folders; expected the '
                        f'layout {_LAYOUT}, e.g. {root}/train/<class>/img.jpg.')
     per_split = {split: self._class_folders(split) for split in self._splits}
+    self._split_classes = {split: set(classes) for split, classes in per_split.items()}
     self._classes = sorted(set().union(*per_split.values()))
     # A class folder without images in any split would add a class no example has
     # (a silently wider head, a softmax over a class that never occurs).
@@ -144,9 +145,9 @@ class ImageFolderSource(core.DataSource):
     split_dir = os.path.join(self._root, split_name)
     examples = []
     for label, class_name in enumerate(self._classes):
+      if class_name not in self._split_classes[split_name]:
+        continue  # The split has no folder for this class (warned at construction).
       class_dir = os.path.join(split_dir, class_name)
-      if class_dir not in self._class_listings and not tf.io.gfile.isdir(class_dir):
-        continue
       files, folders = self._class_listing(class_dir)
       if folders:
         raise ValueError(
