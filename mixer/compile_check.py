@@ -77,15 +77,15 @@ def check(config: ml_collections.ConfigDict, devices, hbm_gib: float | None = No
   """Compiles `config`'s train step for `devices`; returns the per-device memory plan."""
   config_lib.validate(config)
   setup = trainer_setup.build(config, devices)
-  compiled, seconds, cpu_seconds = trainer_setup.timed_compile_train_step(setup)
+  compiled, compile_time = trainer_setup.timed_compile_train_step(setup)
   mesh, abstract_state = setup.mesh, setup.abstract_state
   result = {
       'model': config.model.name, 'image_size': config.image_size,
       'batch_size': config.batch_size, 'grad_accum_steps': config.grad_accum_steps,
       'model_dtype': config.model_dtype, 'mesh': dict(mesh.shape), 'devices': len(devices),
-      'device_kind': devices[0].device_kind, 'compile_seconds': round(seconds, 1),
+      'device_kind': devices[0].device_kind, 'compile_seconds': round(compile_time.seconds, 1),
       # CPU time of this process (all threads): what other load on the machine does not change.
-      'compile_cpu_seconds': round(cpu_seconds, 1),
+      'compile_cpu_seconds': round(compile_time.cpu_seconds, 1),
       'params': sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state['params'])),
   }
   plan = trainer_setup.memory_per_device(compiled)

@@ -265,8 +265,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       return {'step': step, **results}
 
     #################### Compile the update step ####################
-    compiled_step, compile_seconds, _ = trainer_setup.timed_compile_train_step(setup)
-    logging.info('Compiled the train step in %.1f s.', compile_seconds)
+    compiled_step, compile_time = trainer_setup.timed_compile_train_step(setup)
+    logging.info('%s', compile_time.describe())
     train_size = input_pipeline.num_train_examples(config)
     logging.info('%s', reporting.startup_summary(
         workdir=workdir, model_name=config.model.name,

@@ -130,6 +130,24 @@ def test_persistent_cache_second_process_loads_instead_of_compiling(tmp_path):
 
 
 @pytest.mark.slow
+def test_cache_benchmark_second_start_loads_and_splits_tracing_from_xla():
+  record = compile_bench.persistent_cache(
+      dict(model='Mixer-S_32', image_size=64, batch_size=4))
+  assert not record['first_start_from_cache'] and record['second_start_from_cache']
+  assert record['cache_entries'] >= 1
+  for start in ('first', 'second'):
+    parts = (record[f'{start}_start_tracing_cpu_seconds'], record[f'{start}_start_xla_cpu_seconds'])
+    assert min(parts) > 0
+    # The two parts are the whole (each figure is rounded to 0.01 s on its own).
+    assert sum(parts) == pytest.approx(record[f'{start}_start_compile_cpu_seconds'], abs=0.02)
+  # Loading the executable is cheaper than compiling it; the cache does not spare the tracing.
+  assert record['second_start_xla_cpu_seconds'] < record['first_start_xla_cpu_seconds']
+  assert record['second_over_first'] == pytest.approx(
+      record['second_start_compile_cpu_seconds'] / record['first_start_compile_cpu_seconds'],
+      abs=0.01)
+
+
+@pytest.mark.slow
 def test_run_cli_writes_json_lines_and_a_table(tmp_path):
   out = tmp_path / 'results.jsonl'
   done = subprocess.run(

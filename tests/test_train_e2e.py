@@ -95,7 +95,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
            '--config.evals.eval.every_steps=1000', '--config.log_every=50',
            '--config.warmup_steps=10')
   reference = str(tmp_path / 'uninterrupted')
-  run_main(reference, *flags)
+  assert 'Compiled the train step in' in run_main(reference, *flags).stderr
 
   killed = str(tmp_path / 'killed')
   process = subprocess.Popen(main_command(killed, *flags), cwd=REPO, stdout=subprocess.DEVNULL,
@@ -111,6 +111,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 
   resumed = run_main(killed, *flags)
   assert 'Resumed from step' in resumed.stderr
+  # The killed run left its executable in the workdir's persistent cache; the log says so.
+  assert 'Loaded the train step from the persistent compilation cache in' in resumed.stderr
   a = traverse_util.flatten_dict(weights.load_npz(os.path.join(reference, 'final.npz')),
                                  sep='/')
   b = traverse_util.flatten_dict(weights.load_npz(os.path.join(killed, 'final.npz')), sep='/')

@@ -55,7 +55,8 @@ _DEVICES = flags.DEFINE_list('devices', ['1', '8'],
                              'CPU devices in a subprocess); FSDP over all of them.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per window (forward, train).')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; the median is reported.')
-_E2E_STEPS = flags.DEFINE_integer('e2e_steps', 12, 'Trainer steps of `e2e`.')
+_E2E_STEPS = flags.DEFINE_integer(
+    'e2e_steps', 24, 'Trainer steps of `e2e`: 6 windows of steps/6, the first dropped.')
 _INPUT_IMAGES = flags.DEFINE_integer(
     'input_images', 3072, 'Images timed by `input`: many times what the pipeline buffers, '
     'or the rate measures the buffers.')
@@ -92,7 +93,12 @@ _COLUMNS = {
                           ('target', 'target'), ('1-block cpu s', 'one_block_cpu_seconds'),
                           ('floor', 'floor_cpu_ratio')],
     'cache': [('1st cpu s', 'first_start_compile_cpu_seconds'),
+              ('1st tracing', 'first_start_tracing_cpu_seconds'),
+              ('1st XLA', 'first_start_xla_cpu_seconds'),
               ('2nd cpu s', 'second_start_compile_cpu_seconds'),
+              ('2nd tracing', 'second_start_tracing_cpu_seconds'),
+              ('2nd load', 'second_start_xla_cpu_seconds'),
+              ('2nd from cache', 'second_start_from_cache'),
               ('2nd/1st', 'second_over_first'), ('target', 'target_second_over_first')],
     # Then one column per category (profile_bench.CATEGORY_NAMES), from the record's *_pct keys.
     'profile': [('ms/step', 'step_seconds'), ('device ms', 'device_ms_per_step')],
@@ -200,7 +206,7 @@ def main(argv):
     if 'e2e' in chosen:
       from mixer.benchmarks import e2e_bench
       for kwargs in combos:
-        emit(e2e_bench.run(steps=_E2E_STEPS.value, log_every=max(1, _E2E_STEPS.value // 4),
+        emit(e2e_bench.run(steps=_E2E_STEPS.value, log_every=max(1, _E2E_STEPS.value // 6),
                            **kwargs))
     if 'profile' in chosen:
       from mixer.benchmarks import model_bench, profile_bench
