@@ -15,15 +15,83 @@ minimum size on some file systems and silently skip the step.
 
 Call it before the first compilation; a later call resets JAX's cache state
 so it still takes effect for what is compiled afterwards.
+
+An entry cut short (the process killed, preempted or out of disk while JAX
+wrote it) must not disable the cache. JAX writes an entry in place and never
+rewrites one that exists, so such an entry made every later start warn
+("Error reading persistent compilation cache entry"), compile again and keep
+the broken file: after a preemption, just when the cache should pay off.
+`enable` therefore has JAX use `_ReplaceableEntries` around its file cache:
+an entry is written to a temporary name and renamed into place (a reader sees
+all of it or nothing), and an entry JAX compiled anew, because it found none
+or could not read the one there, replaces what is there.
 """
 
 from __future__ import annotations
+
+import os
+import uuid
 
 import jax
 from absl import logging
 from jax.experimental.compilation_cache import compilation_cache
 
 DEFAULT_MIN_COMPILE_TIME_SECS = 0.1
+_ENTRY_SUFFIX = '-cache'  # What jax._src.lru_cache names an entry: f'{key}-cache'.
+
+
+class _ReplaceableEntries:
+  """JAX's file cache with whole-file writes that replace the entry (see the module doc).
+
+  JAX calls `put` only for an executable it has just compiled, i.e. after `get`
+  found no entry or one it could not read, so replacing is always right. With
+  eviction on (`jax_compilation_cache_max_size`) JAX's own `put` keeps its
+  bookkeeping: a broken entry is removed first, then JAX writes.
+  """
+
+  def __init__(self, file_cache):
+    self._file_cache = file_cache
+    self._path = file_cache._path  # pylint: disable=protected-access  (JAX reads it)
+
+  def get(self, key: str):
+    return self._file_cache.get(key)
+
+  def put(self, key: str, value: bytes) -> None:
+    entry = self._path / f'{key}{_ENTRY_SUFFIX}'
+    if getattr(self._file_cache, 'eviction_enabled', False):
+      if entry.exists():
+        entry.unlink()
+      self._file_cache.put(key, value)
+      return
+    partial = self._path / f'.{key}{_ENTRY_SUFFIX}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial'
+    try:
+      partial.write_bytes(value)
+      partial.replace(entry)
+    finally:
+      if partial.exists():  # The write failed (e.g. a full disk): leave nothing behind.
+        partial.unlink()
+
+
+def _install_replaceable_entries() -> None:
+  """Makes JAX wrap each file cache it opens in `_ReplaceableEntries`."""
+  # jax.experimental.compilation_cache has no hook for the cache's class; this private one
+  # is what JAX's own `jax_compilation_cache_check_contents` wrapper is built on.
+  from jax._src import compilation_cache as jax_cache  # pylint: disable=g-import-not-at-top
+  make_file_cache = getattr(jax_cache, 'get_file_cache', None)
+  if make_file_cache is None or getattr(make_file_cache, 'mixer_replaceable', False):
+    if make_file_cache is None:
+      logging.warning('This JAX has no get_file_cache: a cache entry cut short by a kill '
+                      'stays unreadable (JAX then compiles again at every start).')
+    return
+
+  def get_file_cache(path):
+    made = make_file_cache(path)
+    if made is None or not hasattr(made[0], 'eviction_enabled'):  # Not the plain file cache.
+      return made
+    return _ReplaceableEntries(made[0]), made[1]
+
+  get_file_cache.mixer_replaceable = True
+  jax_cache.get_file_cache = get_file_cache
 
 
 def enable(cache_dir: str, min_compile_time_secs: float = DEFAULT_MIN_COMPILE_TIME_SECS) -> None:
@@ -32,6 +100,7 @@ def enable(cache_dir: str, min_compile_time_secs: float = DEFAULT_MIN_COMPILE_TI
     raise ValueError('compile_cache.enable needs a directory (a local path or gs://...).')
   jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_time_secs)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  _install_replaceable_entries()
   compilation_cache.reset_cache()  # Drop a cache state fixed by earlier compilations.
   compilation_cache.set_cache_dir(cache_dir)
   logging.info('Persistent compilation cache: %s (entries compiled in >= %.2f s).',

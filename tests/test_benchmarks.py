@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixer import input_pipeline, models
+from mixer import compile_cache, input_pipeline, models
 from mixer.benchmarks import compile_bench, hlo_traffic, model_bench, profile_bench
 from mixer.benchmarks import run as bench_run
 from mixer.datasets import get_source
@@ -127,6 +127,60 @@ def test_persistent_cache_second_process_loads_instead_of_compiling(tmp_path):
   assert start() == 0
   assert os.listdir(tmp_path)  # The first start wrote its executables.
   assert start() >= 1
+
+
+def test_a_cache_entry_cut_short_is_compiled_again_and_replaced(tmp_path):
+  """A kill (or a full disk) during JAX's write left a truncated entry, which JAX then could
+  not read at any later start and never rewrote: every start warned and compiled again."""
+  code = textwrap.dedent(f"""
+      import json, warnings, jax, jax.numpy as jnp
+      from mixer import compile_cache
+      compile_cache.enable({str(tmp_path)!r}, min_compile_time_secs=0)
+      events = []
+      jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        jax.jit(lambda x: jnp.sin(x) @ x.T + 1)(jnp.ones((64, 64))).block_until_ready()
+      print(json.dumps({{'hits': events.count('/jax/compilation_cache/cache_hits'),
+                         'warnings': [str(w.message) for w in caught]}}))
+      """)
+  env = multidevice.subprocess_env(1)
+
+  def start():
+    done = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                          cwd=multidevice.REPO, timeout=300, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+  assert start()['hits'] == 0
+  [entry] = [p for p in tmp_path.iterdir() if p.name.startswith('jit__lambda')]
+  whole = entry.read_bytes()
+  entry.write_bytes(whole[:len(whole) // 2])  # What a kill in the middle of the write leaves.
+  healed = start()
+  assert any('Error reading persistent compilation cache' in w for w in healed['warnings'])
+  assert entry.read_bytes() == whole  # Compiled again and written over the broken entry.
+  again = start()
+  assert again['hits'] >= 1 and not again['warnings']
+  assert not [p for p in tmp_path.iterdir() if p.name.endswith('.partial')]
+
+
+def test_a_failed_cache_write_leaves_the_old_entry_and_no_partial_file(tmp_path, monkeypatch):
+  from jax._src import lru_cache  # pylint: disable=g-import-not-at-top
+  entries = compile_cache._ReplaceableEntries(lru_cache.LRUCache(str(tmp_path), max_size=-1))
+  entries.put('k', b'old entry')
+  assert entries.get('k') == b'old entry'
+  path_type = type(entries._path)  # etils.epath's local path, what JAX's cache writes with.
+  written = path_type.write_bytes
+
+  def disk_full(path, data):
+    written(path, data[:3])
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(path_type, 'write_bytes', disk_full)
+  with pytest.raises(OSError):
+    entries.put('k', b'new entry')
+  monkeypatch.undo()
+  assert entries.get('k') == b'old entry'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['k-cache']
 
 
 @pytest.mark.slow
