@@ -17,11 +17,15 @@ speed a training run keeps (target >= 0.95).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import statistics
 import tempfile
 from typing import Any
+
+from absl import logging
 
 from mixer import train
 from mixer.benchmarks import model_bench
@@ -39,6 +43,20 @@ def _trainer_rates(workdir: str) -> list[float]:
   return rates
 
 
+@contextlib.contextmanager
+def _quiet():
+  """The trainer's console output left out of the benchmark's: its progress, orbax's lines,
+  and its closing lines, which name files in a temporary workdir deleted right after.
+  Warnings and errors still show."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.WARNING)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    logging.set_verbosity(verbosity)
+
+
 def _bare_step_rates(config_kwargs: dict, steps: int, windows: int) -> tuple[list[float], dict]:
   """Images/s per device of `windows` windows of `steps` bare train steps, and the record."""
   record = model_bench.run(model_bench.bench_config(**config_kwargs), modes=('train',),
@@ -49,7 +67,7 @@ def _bare_step_rates(config_kwargs: dict, steps: int, windows: int) -> tuple[lis
   return [per_step / seconds for seconds in record['step_seconds_windows']], record
 
 
-def run(steps: int = 24, log_every: int = 4, **config_kwargs) -> dict[str, Any]:
+def run(steps: int = 36, log_every: int = 6, **config_kwargs) -> dict[str, Any]:
   """Trainer vs bare step for `model_bench.bench_config(**config_kwargs)`."""
   config = model_bench.bench_config(**config_kwargs)
   config.dataset = 'synthetic'
@@ -68,7 +86,7 @@ def run(steps: int = 24, log_every: int = 4, **config_kwargs) -> dict[str, Any]:
   # The bare step is timed before and after the trainer: a slow spell of the machine
   # (seconds long on a shared VM) then weighs on both sides alike.
   bare_before, record = _bare_step_rates(config_kwargs, log_every, windows)
-  with tempfile.TemporaryDirectory() as workdir:
+  with tempfile.TemporaryDirectory() as workdir, _quiet():
     train.train_and_evaluate(config, workdir)
     rates = _trainer_rates(workdir)
   bare_after, _ = _bare_step_rates(config_kwargs, log_every, windows)

@@ -56,7 +56,7 @@ _DEVICES = flags.DEFINE_list('devices', ['1', '8'],
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per window (forward, train).')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; the median is reported.')
 _E2E_STEPS = flags.DEFINE_integer(
-    'e2e_steps', 24, 'Trainer steps of `e2e`: 6 windows of steps/6, the first dropped.')
+    'e2e_steps', 36, 'Trainer steps of `e2e`: 6 windows of steps/6, the first dropped.')
 _INPUT_IMAGES = flags.DEFINE_integer(
     'input_images', 3072, 'Images timed by `input`: many times what the pipeline buffers, '
     'or the rate measures the buffers.')
