@@ -89,6 +89,9 @@ def run(steps: int = 36, log_every: int = 6, **config_kwargs) -> dict[str, Any]:
   with tempfile.TemporaryDirectory() as workdir, _quiet():
     train.train_and_evaluate(config, workdir)
     rates = _trainer_rates(workdir)
+  if len(rates) < 2:
+    raise RuntimeError(f'The trainer logged {len(rates)} throughput window(s); need >= 2: '
+                       'raise steps or lower log_every.')
   bare_after, _ = _bare_step_rates(config_kwargs, log_every, windows)
   trainer = statistics.median(rates[1:])
   bare = statistics.median(bare_before + bare_after)
