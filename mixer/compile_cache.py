@@ -24,12 +24,16 @@ the broken file: after a preemption, just when the cache should pay off.
 `enable` therefore has JAX use `_ReplaceableEntries` around its file cache:
 an entry is written to a temporary name and renamed into place (a reader sees
 all of it or nothing), and an entry JAX compiled anew, because it found none
-or could not read the one there, replaces what is there.
+or could not read the one there, replaces what is there. A temporary file
+that a killed writer left in a local directory is deleted by the next
+`enable` once it is an hour old.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import time
 import uuid
 
 import jax
@@ -38,6 +42,8 @@ from jax.experimental.compilation_cache import compilation_cache
 
 DEFAULT_MIN_COMPILE_TIME_SECS = 0.1
 _ENTRY_SUFFIX = '-cache'  # What jax._src.lru_cache names an entry: f'{key}-cache'.
+_PARTIAL_SUFFIX = '.partial'
+STALE_PARTIAL_SECS = 3600  # A write this old is over: its writer was killed.
 
 
 class _ReplaceableEntries:
@@ -63,7 +69,8 @@ class _ReplaceableEntries:
         entry.unlink()
       self._file_cache.put(key, value)
       return
-    partial = self._path / f'.{key}{_ENTRY_SUFFIX}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial'
+    partial = self._path / (f'.{key}{_ENTRY_SUFFIX}.{os.getpid()}-{uuid.uuid4().hex[:8]}'
+                            f'{_PARTIAL_SUFFIX}')
     try:
       partial.write_bytes(value)
       partial.replace(entry)
@@ -94,6 +101,22 @@ def _install_replaceable_entries() -> None:
   jax_cache.get_file_cache = get_file_cache
 
 
+def _remove_stale_partials(cache_dir: str) -> None:
+  """Deletes what killed writers left in a local cache directory.
+
+  Only local: an object store (gs://) publishes an object whole or not at all.
+  Recent ones stay: another run sharing the directory may be writing them now.
+  """
+  if '://' in cache_dir:
+    return
+  for partial in glob.glob(os.path.join(cache_dir, f'.*{_ENTRY_SUFFIX}.*{_PARTIAL_SUFFIX}')):
+    try:
+      if time.time() - os.path.getmtime(partial) > STALE_PARTIAL_SECS:
+        os.remove(partial)
+    except FileNotFoundError:  # Renamed into place or removed by its writer meanwhile.
+      pass
+
+
 def enable(cache_dir: str, min_compile_time_secs: float = DEFAULT_MIN_COMPILE_TIME_SECS) -> None:
   """Turns on the persistent compilation cache in `cache_dir` (created if missing)."""
   if not cache_dir:
@@ -101,6 +124,7 @@ def enable(cache_dir: str, min_compile_time_secs: float = DEFAULT_MIN_COMPILE_TI
   jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_time_secs)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
   _install_replaceable_entries()
+  _remove_stale_partials(cache_dir)
   compilation_cache.reset_cache()  # Drop a cache state fixed by earlier compilations.
   compilation_cache.set_cache_dir(cache_dir)
   logging.info('Persistent compilation cache: %s (entries compiled in >= %.2f s).',

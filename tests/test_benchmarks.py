@@ -154,10 +154,13 @@ def test_a_cache_entry_cut_short_is_compiled_again_and_replaced(tmp_path):
   assert start()['hits'] == 0
   [entry] = [p for p in tmp_path.iterdir() if p.name.startswith('jit__lambda')]
   whole = entry.read_bytes()
-  entry.write_bytes(whole[:len(whole) // 2])  # What a kill in the middle of the write leaves.
+  cut_short = whole[:len(whole) // 2]
+  entry.write_bytes(cut_short)  # What a kill in the middle of the write leaves.
   healed = start()
   assert any('Error reading persistent compilation cache' in w for w in healed['warnings'])
-  assert entry.read_bytes() == whole  # Compiled again and written over the broken entry.
+  # Compiled again and written over the broken entry (not byte-equal to the first write: an
+  # entry also holds its compile time), which the next start loads without a warning.
+  assert entry.read_bytes() != cut_short and len(entry.read_bytes()) > len(cut_short)
   again = start()
   assert again['hits'] >= 1 and not again['warnings']
   assert not [p for p in tmp_path.iterdir() if p.name.endswith('.partial')]
@@ -181,6 +184,20 @@ def test_a_failed_cache_write_leaves_the_old_entry_and_no_partial_file(tmp_path,
   monkeypatch.undo()
   assert entries.get('k') == b'old entry'
   assert sorted(p.name for p in tmp_path.iterdir()) == ['k-cache']
+
+
+def test_partial_cache_entries_of_killed_writers_are_removed_once_stale(tmp_path):
+  stale = tmp_path / '.jit_f-k1-cache.11-ab.partial'
+  fresh = tmp_path / '.jit_f-k2-cache.12-cd.partial'
+  entry = tmp_path / 'jit_f-k3-cache'
+  for path in (stale, fresh, entry):
+    path.write_bytes(b'x')
+  old = os.path.getmtime(stale) - compile_cache.STALE_PARTIAL_SECS - 1
+  os.utime(stale, (old, old))
+  os.utime(entry, (old, old))
+  compile_cache._remove_stale_partials(str(tmp_path))
+  # A fresh one may be another run's write in progress; entries are never touched.
+  assert sorted(p.name for p in tmp_path.iterdir()) == [fresh.name, entry.name]
 
 
 @pytest.mark.slow
