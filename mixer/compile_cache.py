@@ -69,6 +69,9 @@ class _ReplaceableEntries:
         entry.unlink()
       self._file_cache.put(key, value)
       return
+    if '://' in str(self._path):  # An object store publishes an object whole: no rename.
+      entry.write_bytes(value)
+      return
     partial = self._path / (f'.{key}{_ENTRY_SUFFIX}.{os.getpid()}-{uuid.uuid4().hex[:8]}'
                             f'{_PARTIAL_SUFFIX}')
     try:
