@@ -23,7 +23,8 @@ rewrites one that exists, so such an entry made every later start warn
 the broken file: after a preemption, just when the cache should pay off.
 `enable` therefore has JAX use `_ReplaceableEntries` around its file cache:
 an entry is written to a temporary name and renamed into place (a reader sees
-all of it or nothing), and an entry JAX compiled anew, because it found none
+all of it or nothing; on gs:// an object is published whole anyway, so it is
+written directly), and an entry JAX compiled anew, because it found none
 or could not read the one there, replaces what is there. A temporary file
 that a killed writer left in a local directory is deleted by the next
 `enable` once it is an hour old.
