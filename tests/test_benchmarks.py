@@ -370,6 +370,19 @@ def test_hlo_traffic_counts_operands_and_results_and_loop_trips():
   assert hlo_traffic.array_bytes('(f32[2,3]{1,0}, bf16[5]{0}, pred[])') == 24 + 10 + 1
 
 
+def test_hlo_traffic_reads_the_trip_count_from_the_loop_condition_where_xla_keeps_none():
+  """libtpu's optimized HLO has no known_trip_count: a scanned step's blocks were counted once."""
+  bound = _LOOP_HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', '').replace(
+      '  ROOT %c = pred[] constant(true)',
+      '  %i = s32[] get-tuple-element(%state), index=0\n'
+      '  %n = s32[]{:T(256)} constant(3)\n'
+      '  ROOT %lt = pred[]{:T(1024)} compare(%i, %n), direction=LT')
+  assert 'known_trip_count' not in bound and 'direction=LT' in bound
+  expected = {k.name: (k.bytes, k.trips) for k in hlo_traffic.kernels(_LOOP_HLO)}
+  assert {k.name: (k.bytes, k.trips) for k in hlo_traffic.kernels(bound)} == expected
+  assert max(trips for _, trips in expected.values()) == 3
+
+
 @pytest.mark.parametrize('op_name, readable', [
     ('jit(train_step)/jvp(MlpMixer)/MlpMixer._blocks/MixerBlock_7/LayerNorm_0/reduce_sum',
      'forward MixerBlock_*/LayerNorm_0/reduce_sum'),

@@ -33,6 +33,8 @@ import gzip
 import re
 import sys
 
+from absl import logging
+
 _BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 'bf16': 2, 'f16': 2,
           's16': 2, 'u16': 2, 'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8,
           'c64': 8, 'c128': 16}
@@ -139,6 +141,29 @@ def _sliced_operands(body: list[tuple[str, str, str, str]]) -> tuple[dict[int, i
   return read, updated
 
 
+def _trip_count(name: str, rest: str, computations) -> int:
+  """How often a `while` runs: XLA's `known_trip_count` (GPU and CPU record it), else the
+  bound of its condition `counter < constant`, the form a lowered `scan` takes (libtpu's
+  optimized HLO keeps no count). A loop of neither form is counted once, with a warning."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+  if known:
+    return int(known.group(1))
+  condition = re.search(r'condition=%([\w.\-]+)', rest)
+  body = computations.get(condition.group(1), []) if condition else []
+  constants = {}
+  for constant, _, opcode, text in body:
+    value = re.match(r'(\d+)\)', text)
+    if opcode == 'constant' and value:
+      constants[constant] = int(value.group(1))
+  if body and body[-1][2] == 'compare' and 'direction=LT' in body[-1][3]:
+    bound = _operand_names(body[-1][3])[-1]
+    if bound in constants:
+      return constants[bound]
+  logging.warning('hlo_traffic: loop %s has no known trip count; its body is counted once.',
+                  name)
+  return 1
+
+
 def kernels(hlo: str) -> list[Kernel]:
   """The kernels of an optimized HLO module (`compiled.as_text()`) that run, with their bytes."""
   computations = _computations(hlo)
@@ -153,9 +178,8 @@ def kernels(hlo: str) -> list[Kernel]:
       if opcode in _FREE:
         continue
       if opcode == 'while':
-        count = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
         walk(re.search(r'body=%([\w.\-]+)', rest).group(1),
-             trips * (int(count.group(1)) if count else 1))
+             trips * _trip_count(name, rest, computations))
         continue
       if opcode in ('call', 'conditional', 'async-start'):
         for called in _NAME.findall(rest.split('), ', 1)[-1]):
