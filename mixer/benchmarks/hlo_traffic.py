@@ -5,8 +5,9 @@ On a GPU most of a Mixer train step outside the matmuls is memory-bound
 bytes its kernels read and write over the HBM bandwidth. Every top-level kernel
 of the optimized HLO (a fusion, a gemm, a copy) reads its operands and writes
 its result once, so summing operand + result bytes over the kernels that run,
-with loop bodies counted once per trip, estimates the step's HBM traffic
-without running it. A scanned loop reads its block's slice of stacked arrays
+with loop bodies counted once per trip (XLA's `known_trip_count`, or, in
+libtpu's HLO, which has none, the bound of the loop's `counter < N`
+condition), estimates the step's HBM traffic without running it. A scanned loop reads its block's slice of stacked arrays
 (`dynamic-slice`) and writes its slice in place (`dynamic-update-slice`):
 only the slices count.
 
