@@ -358,8 +358,8 @@ def test_hlo_traffic_counts_operands_and_results_and_loop_trips():
   assert kernels['gemm_fusion_dot'].bytes == 3 * 128  # Two f32[8,4] read, one written.
   assert (kernels['loop_add_fusion'].bytes, kernels['loop_add_fusion'].trips) == (3 * 3 * 128, 3)
   assert kernels['convert'].bytes == 3 * (128 + 64)
-  # In place: the bf16[1,8,4] update read and written (and the s32 index), not the stack.
-  assert kernels['loop_dynamic_update_slice_fusion'].bytes == 3 * 2 * (64 + 4)
+  # In place: the bf16[1,8,4] update read and written (and the s32 index read), not the stack.
+  assert kernels['loop_dynamic_update_slice_fusion'].bytes == 3 * (64 + 4 + 64)
   # A stack (f32[3,16], read as f32[3,4,4] through a bitcast, which moves nothing) of which
   # each trip reads its f32[1,4,4] slice (64 B), and writes it as bf16.
   assert kernels['loop_convert_fusion'].bytes == 3 * (64 + 4 + 32)
@@ -381,6 +381,44 @@ def test_hlo_traffic_reads_the_trip_count_from_the_loop_condition_where_xla_keep
   expected = {k.name: (k.bytes, k.trips) for k in hlo_traffic.kernels(_LOOP_HLO)}
   assert {k.name: (k.bytes, k.trips) for k in hlo_traffic.kernels(bound)} == expected
   assert max(trips for _, trips in expected.values()) == 3
+
+
+_MULTI_OUTPUT_HLO = """HloModule m
+
+%nested_slice (p0: f32[3,8,4], p1: s32[]) -> f32[1,8,4] {
+  %p0 = f32[3,8,4]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  ROOT %ds = f32[1,8,4]{2,1,0} dynamic-slice(%p0, %p1, %zero, %zero), dynamic_slice_sizes={1,8,4}
+}
+
+%fused_matmul_into_stack (p0: f32[3,8,4], p1: f32[3,8,4], p2: s32[]) -> (f32[3,8,4], f32[1,8,4]) {
+  %p0 = f32[3,8,4]{2,1,0:T(8,128)} parameter(0)
+  %p1 = f32[3,8,4]{2,1,0:T(8,128)} parameter(1)
+  %p2 = s32[]{:T(256)} parameter(2)
+  %w = f32[1,8,4]{2,1,0:T(8,128)} fusion(%p1, %p2), kind=kLoop, calls=%nested_slice
+  %y = f32[1,8,4]{2,1,0:T(8,128)} multiply(%w, %w)
+  %zero = s32[]{:T(256)} constant(0)
+  %dus = f32[3,8,4]{2,1,0:T(8,128)} dynamic-update-slice(%p0, %y, %p2, %zero, %zero)
+  ROOT %t = (f32[3,8,4]{2,1,0:T(8,128)}, f32[1,8,4]{2,1,0:T(8,128)}) tuple(%dus, %y)
+}
+
+ENTRY %main (stack: f32[3,8,4], weights: f32[3,8,4], i: s32[]) -> (f32[3,8,4], f32[1,8,4]) {
+  %stack = f32[3,8,4]{2,1,0:T(8,128)} parameter(0)
+  %weights = f32[3,8,4]{2,1,0:T(8,128)} parameter(1)
+  %i = s32[]{:T(256)} parameter(2)
+  ROOT %fusion = (f32[3,8,4]{2,1,0:T(8,128)}, f32[1,8,4]{2,1,0:T(8,128)}) fusion(%stack, %weights, %i), kind=kOutput, calls=%fused_matmul_into_stack
+}
+"""  # noqa: E501  (HLO lines as libtpu prints them)
+
+
+def test_hlo_traffic_of_a_multi_output_fusion_writing_into_a_stack():
+  """libtpu fuses a matmul with the write of its output into a stack (a tuple root holding
+  the dynamic-update-slice) and reads its stacked weights through a nested fusion that
+  slices them. Only the slices move: the weights' f32[1,8,4] (128 B) and the index read;
+  the update written into the stack and the second output (128 B each); not the stacks."""
+  [kernel] = hlo_traffic.kernels(_MULTI_OUTPUT_HLO)
+  assert kernel.bytes == 128 + 4 + 128 + 128
 
 
 @pytest.mark.parametrize('op_name, readable', [

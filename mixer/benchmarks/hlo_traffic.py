@@ -7,14 +7,15 @@ of the optimized HLO (a fusion, a gemm, a copy) reads its operands and writes
 its result once, so summing operand + result bytes over the kernels that run,
 with loop bodies counted once per trip (XLA's `known_trip_count`, or, in
 libtpu's HLO, which has none, the bound of the loop's `counter < N`
-condition), estimates the step's HBM traffic without running it. A scanned loop reads its block's slice of stacked arrays
-(`dynamic-slice`) and writes its slice in place (`dynamic-update-slice`):
+condition), estimates the step's HBM traffic without running it. A scanned
+loop reads its block's slice of stacked arrays (`dynamic-slice`) and writes
+its slice in place (`dynamic-update-slice`, also inside a multi-output fusion):
 only the slices count.
 
 The estimate ranks variants the way the H100 did: for the B/16 train step at
-batch 256, five variants measured there from 141.8 GB (65.2 ms) to 320.0 GB
-(120 ms, scanned without remat) lie within 3.1 ms of one line whose slope is
-the H100's HBM bandwidth (docs/benchmarks.md).
+batch 256, five variants measured there from 141.8 GB (65.2 ms) to 323.7 GB
+(120 ms, scanned without remat) lie within 3.3 ms of one line whose slope is
+about the H100's HBM bandwidth (docs/benchmarks.md).
 It needs only a compiled step, so a change can be judged on a machine without
 the GPU, from an HLO compiled for it (docs/benchmarks.md shows how to compile
 for an H100 without one) or from the local backend's:
@@ -107,39 +108,59 @@ def _operand_names(rest: str) -> list[str]:
   return _NAME.findall(rest.split('), ', 1)[0])
 
 
-def _sliced_operands(body: list[tuple[str, str, str, str]]) -> tuple[dict[int, int], int | None]:
-  """What a fused computation really touches of its operands.
+def _fusion_access(computation: str, computations, memo: dict) -> tuple[dict, dict, int]:
+  """What a fused computation really touches of its operands and its result.
 
-  Returns ({parameter index: bytes read}, for parameters used only through a
-  `dynamic-slice` (a loop body reading its block's slice of a stacked array),
-  and, if its root is a `dynamic-update-slice` (writing its block's slice of a
-  stacked array in place), the index of the parameter holding that buffer.
+  Returns (read, in_place, aliased):
+  - read: {parameter index: bytes read} for parameters used only through slices
+    (a loop body reading its block's slice of a stacked array): by a
+    `dynamic-slice`, or by a nested fusion that itself only slices them (libtpu
+    nests them);
+  - in_place: {parameter index: bytes written} for parameters that are the
+    buffer of a `dynamic-update-slice` that is the root or an element of a
+    tuple root (a multi-output fusion, as libtpu fuses a matmul with the write
+    of its output into a stack): the buffer is aliased, only the update moves;
+  - aliased: the bytes of those result elements, which are not written whole.
   A `bitcast` of a parameter (e.g. a stack read in another layout) is the
   parameter itself: it moves no bytes.
   """
-  parameters, users, slices = {}, collections.defaultdict(list), {}
-  parameter_of = {}  # A parameter, or a bitcast of one -> that parameter.
+  if computation in memo:
+    return memo[computation]
+  body = computations.get(computation, [])
+  parameters, parameter_of, shapes, produced_by = {}, {}, {}, {}
+  uses = collections.defaultdict(list)  # operand -> [bytes read if a slice use, else None]
   for name, shape, opcode, rest in body:
+    shapes[name] = shape
     if opcode == 'parameter':
       parameters[name] = int(re.match(r'(\d+)\)', rest).group(1))
       parameter_of[name] = name
       continue
     operands = [parameter_of.get(o, o) for o in _operand_names(rest)]
+    produced_by[name] = (opcode, operands)
     if opcode == 'bitcast' and operands[0] in parameters:
       parameter_of[name] = operands[0]
       continue
+    nested = re.search(r'calls=%([\w.\-]+)', rest) if opcode == 'fusion' else None
+    nested_read = _fusion_access(nested.group(1), computations, memo)[0] if nested else {}
     for position, operand in enumerate(operands):
-      users[operand].append((opcode, position))
-    if opcode == 'dynamic-slice':
-      slices[operands[0]] = slices.get(operands[0], 0) + array_bytes(shape)
-  read = {index: slices[name] for name, index in parameters.items()
-          if name in slices and all(op == 'dynamic-slice' and pos == 0
-                                    for op, pos in users[name])}
-  updated = None
-  if body and body[-1][2] == 'dynamic-update-slice':
-    buffer = _operand_names(body[-1][3])[0]
-    updated = parameters.get(parameter_of.get(buffer, buffer))
-  return read, updated
+      if opcode == 'dynamic-slice' and position == 0:
+        uses[operand].append(array_bytes(shape))
+      else:
+        uses[operand].append(nested_read.get(position))
+  read = {index: sum(uses[name]) for name, index in parameters.items()
+          if uses[name] and all(b is not None for b in uses[name])}
+  in_place, aliased = {}, 0
+  if body:
+    root, _, root_opcode, _ = body[-1]
+    elements = produced_by[root][1] if root_opcode == 'tuple' else [root]
+    for element in elements:
+      opcode, operands = produced_by.get(element, ('', []))
+      buffer = parameter_of.get(operands[0]) if opcode == 'dynamic-update-slice' else None
+      if buffer is not None:
+        in_place[parameters[buffer]] = array_bytes(shapes[operands[1]])
+        aliased += array_bytes(shapes[element])
+  memo[computation] = read, in_place, aliased
+  return memo[computation]
 
 
 def _trip_count(name: str, rest: str, computations) -> int:
@@ -170,7 +191,7 @@ def kernels(hlo: str) -> list[Kernel]:
   computations = _computations(hlo)
   if 'ENTRY' not in computations:
     raise ValueError('No ENTRY computation: pass the text of an HLO module (compiled.as_text()).')
-  found = []
+  found, memo = [], {}
 
   def walk(computation: str, trips: int):
     shapes = {}
@@ -190,17 +211,16 @@ def kernels(hlo: str) -> list[Kernel]:
       operands = [array_bytes(shapes[o]) for o in _operand_names(rest) if o in shapes]
       result = array_bytes(shape)
       fused = re.search(r'calls=%([\w.\-]+)', rest)
-      sliced, updated = _sliced_operands(computations.get(fused.group(1), []) if fused else [])
+      read, in_place, aliased = (_fusion_access(fused.group(1), computations, memo) if fused
+                                 else ({}, {}, 0))
       if opcode == 'dynamic-slice':
-        sliced = {0: result}
+        read = {0: result}
       if opcode == 'dynamic-update-slice':
-        updated = 0
-      operands = [sliced.get(i, b) for i, b in enumerate(operands)]
-      if updated is not None:
-        # The buffer is aliased with the result: only the update (and indices) move.
-        moved = 2 * (sum(operands) - operands[updated])
-      else:
-        moved = sum(operands) + result
+        in_place, aliased = {0: operands[1]}, result
+      # Operands read (their slices where only sliced), the result written, except in-place
+      # buffers (aliased with the result), of which only the update is written.
+      moved = (sum(read.get(i, b) for i, b in enumerate(operands) if i not in in_place)
+               + result - aliased + sum(in_place.values()))
       source = re.search(r'op_name="([^"]*)"', rest)
       found.append(Kernel(name, opcode, source.group(1) if source else '', moved * trips, trips))
 
