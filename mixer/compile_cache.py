@@ -22,9 +22,9 @@ rewrites one that exists, so such an entry made every later start warn
 ("Error reading persistent compilation cache entry"), compile again and keep
 the broken file: after a preemption, just when the cache should pay off.
 `enable` therefore has JAX use `_ReplaceableEntries` around its file cache:
-an entry is written to a temporary name and renamed into place (a reader sees
-all of it or nothing; on gs:// an object is published whole anyway, so it is
-written directly), and an entry JAX compiled anew, because it found none
+an entry is written with `paths.atomic_write` (a temporary file renamed into
+place: a reader sees all of it or nothing; a bucket object is published whole
+anyway), and an entry JAX compiled anew, because it found none
 or could not read the one there, replaces what is there. A temporary file
 that a killed writer left in a local directory is deleted by the next
 `enable` once it is an hour old.
@@ -35,15 +35,15 @@ from __future__ import annotations
 import glob
 import os
 import time
-import uuid
 
 import jax
 from absl import logging
 from jax.experimental.compilation_cache import compilation_cache
 
+from mixer import paths
+
 DEFAULT_MIN_COMPILE_TIME_SECS = 0.1
 _ENTRY_SUFFIX = '-cache'  # What jax._src.lru_cache names an entry: f'{key}-cache'.
-_PARTIAL_SUFFIX = '.partial'
 STALE_PARTIAL_SECS = 3600  # A write this old is over: its writer was killed.
 
 
@@ -70,17 +70,7 @@ class _ReplaceableEntries:
         entry.unlink()
       self._file_cache.put(key, value)
       return
-    if '://' in str(self._path):  # An object store publishes an object whole: no rename.
-      entry.write_bytes(value)
-      return
-    partial = self._path / (f'.{key}{_ENTRY_SUFFIX}.{os.getpid()}-{uuid.uuid4().hex[:8]}'
-                            f'{_PARTIAL_SUFFIX}')
-    try:
-      partial.write_bytes(value)
-      partial.replace(entry)
-    finally:
-      if partial.exists():  # The write failed (e.g. a full disk): leave nothing behind.
-        partial.unlink()
+    paths.atomic_write(str(entry), lambda f: f.write(value))
 
 
 def _install_replaceable_entries() -> None:
@@ -106,14 +96,15 @@ def _install_replaceable_entries() -> None:
 
 
 def _remove_stale_partials(cache_dir: str) -> None:
-  """Deletes what killed writers left in a local cache directory.
+  """Deletes the temporary files (`paths.atomic_write`'s) that killed writers left.
 
-  Only local: an object store (gs://) publishes an object whole or not at all.
-  Recent ones stay: another run sharing the directory may be writing them now.
+  `paths.remove_stale_temp_files` would also take a file another run sharing the
+  directory is writing now, and needs the entries' names; so by age instead.
+  Buckets have none: an object is published whole or not at all.
   """
-  if '://' in cache_dir:
+  if paths.is_remote(cache_dir):
     return
-  for partial in glob.glob(os.path.join(cache_dir, f'.*{_ENTRY_SUFFIX}.*{_PARTIAL_SUFFIX}')):
+  for partial in glob.glob(os.path.join(cache_dir, f'.*{_ENTRY_SUFFIX}.*.tmp')):
     try:
       if time.time() - os.path.getmtime(partial) > STALE_PARTIAL_SECS:
         os.remove(partial)

@@ -163,7 +163,7 @@ def test_a_cache_entry_cut_short_is_compiled_again_and_replaced(tmp_path):
   assert entry.read_bytes() != cut_short and len(entry.read_bytes()) > len(cut_short)
   again = start()
   assert again['hits'] >= 1 and not again['warnings']
-  assert not [p for p in tmp_path.iterdir() if p.name.endswith('.partial')]
+  assert not [p for p in tmp_path.iterdir() if p.name.endswith('.tmp')]
 
 
 def test_a_failed_cache_write_leaves_the_old_entry_and_no_partial_file(tmp_path, monkeypatch):
@@ -171,14 +171,12 @@ def test_a_failed_cache_write_leaves_the_old_entry_and_no_partial_file(tmp_path,
   entries = compile_cache._ReplaceableEntries(lru_cache.LRUCache(str(tmp_path), max_size=-1))
   entries.put('k', b'old entry')
   assert entries.get('k') == b'old entry'
-  path_type = type(entries._path)  # etils.epath's local path, what JAX's cache writes with.
-  written = path_type.write_bytes
 
-  def disk_full(path, data):
-    written(path, data[:3])
+  def disk_full(fd):  # The bytes are in the temporary file; making them durable fails.
+    del fd
     raise OSError(28, 'No space left on device')
 
-  monkeypatch.setattr(path_type, 'write_bytes', disk_full)
+  monkeypatch.setattr(os, 'fsync', disk_full)
   with pytest.raises(OSError):
     entries.put('k', b'new entry')
   monkeypatch.undo()
@@ -187,8 +185,9 @@ def test_a_failed_cache_write_leaves_the_old_entry_and_no_partial_file(tmp_path,
 
 
 def test_partial_cache_entries_of_killed_writers_are_removed_once_stale(tmp_path):
-  stale = tmp_path / '.jit_f-k1-cache.11-ab.partial'
-  fresh = tmp_path / '.jit_f-k2-cache.12-cd.partial'
+  # paths.atomic_write's temporary names: .<entry>.<random>.tmp
+  stale = tmp_path / '.jit_f-k1-cache.ab12.tmp'
+  fresh = tmp_path / '.jit_f-k2-cache.cd34.tmp'
   entry = tmp_path / 'jit_f-k3-cache'
   for path in (stale, fresh, entry):
     path.write_bytes(b'x')
