@@ -6,7 +6,8 @@ compiles the trainer's real update step (the same `train.compile_train_step`
 the run uses: model, optimizer, mesh and sharding rules from the config) for
 the devices of a TPU topology, without the TPU, and prints the per-device
 memory XLA plans (arguments, outputs, temporaries) against the chip's HBM, as
-MaxText's `train_compile` does. It needs the TPU compiler, libtpu
+MaxText's `train_compile` does, and what a step moves per device: HBM bytes
+and interconnect bytes (`mixer.benchmarks.hlo_traffic`). It needs the TPU compiler, libtpu
 (`pip install -c constraints.txt -e '.[tpu]'`, about 700 MB; works on x86 CPU
 machines). Without a TPU topology (`--topology=local`) it compiles for the
 devices present, e.g. `XLA_FLAGS=--xla_force_host_platform_device_count=8`.
@@ -27,6 +28,7 @@ import jax
 import ml_collections
 
 from mixer import config_lib, platforms, trainer_setup
+from mixer.benchmarks import hlo_traffic
 
 # HBM per TPU core (v2/v3: two cores per chip) or per chip (v4 and later, one
 # device per chip), in GiB.
@@ -101,6 +103,11 @@ def check(config: ml_collections.ConfigDict, devices, hbm_gib: float | None = No
     if hbm_gib:
       result['hbm_gib_per_device'] = hbm_gib
       result['fits'] = plan['total'] / gib <= hbm_gib
+  # What one step costs besides FLOPs, per device: the bytes its kernels move in HBM, and
+  # what its collectives send over the interconnect (e.g. to compare --config.mesh.fsdp).
+  traffic = hlo_traffic.summary(hlo_traffic.kernels(compiled.as_text()))
+  result['hbm_traffic_gb_per_device'] = traffic['traffic_gb']
+  result['interconnect_gb_per_device'] = traffic['interconnect_gb']
   return result
 
 

@@ -116,9 +116,13 @@ def adam_pretraining(config, *, epochs: int, train_images: int, lr: float = 1e-3
   # (Estimates from XLA's cost analysis; no TPU step time was measured.)
   config.model_dtype = 'bfloat16'
   _scanned_blocks(config)
-  # Pure data parallelism: even H/14 params + grads + Adam state (bf16 mu) are
-  # ~6 GB, inside a v3 core's 16 GB; shard them with --config.mesh.fsdp=N where
-  # activations or smaller devices need the room.
+  # Pure data parallelism, so that the same config runs on any device count:
+  # even H/14 params + grads + Adam state (bf16 mu) are ~6 GB, inside a v3
+  # core's 16 GB. On a slice of 16 cores or more launch with
+  # --config.mesh.fsdp=16: compiled for v3-256, the L/16 step then moves 28%
+  # fewer HBM bytes per core (each core updates 1/16 of the params instead of
+  # all of them) for 34% more ICI bytes (docs/benchmarks.md, "Sharding a pod
+  # run"; compile-only figures, no TPU step was timed).
   config.mesh = {'data': -1, 'fsdp': 1, 'model': 1}
 
 

@@ -261,12 +261,29 @@ def test_compile_bench_compiles_for_a_tpu_slice_and_pairs_scanned_with_unscanned
        for scan, remat in ((False, 'none'), (True, 'dots'))])
   assert configs[2] == dict(model='Mixer-S_32', image_size=64, batch_size=8, scan_blocks=False,
                             remat='dots', num_blocks=1)
-  records = compile_bench.run_on_topology(configs, 'v3-8')
+  fsdp_config = dict(configs[1], fsdp=8)
+  records = compile_bench.run_on_topology(configs + [fsdp_config], 'v3-8')
   assert [(r['device_kind'], r['devices'], r['topology']) for r in records] == [
-      ('TPU v3', 8, 'v3-8')] * 3
-  assert [r['num_blocks'] for r in records] == [8, 8, 1]  # S/32 has 8 blocks.
-  unscanned, scanned, one_block = records
-  [pair] = compile_bench.scan_vs_unscanned(records)
+      ('TPU v3', 8, 'v3-8')] * 4
+  assert [r['num_blocks'] for r in records] == [8, 8, 1, 8]  # S/32 has 8 blocks.
+  assert [r['fsdp'] for r in records] == [1, 1, 1, 8]
+  unscanned, scanned, one_block, fsdp = records
+  # libtpu fuses each matmul (a `convolution`) into a `fusion.N` or e.g. a
+  # `multiply_reduce_fusion`: it is still a matmul.
+  for record in records:
+    by_category = record['traffic_gb_by_category_per_device']
+    assert by_category['matmul'] > 0.1 * record['traffic_gb_per_device']
+    assert by_category['collective'] > 0
+  # Data parallelism all-reduces the float32 gradients over the 8 cores: a ring sends
+  # 2 * 7/8 of the params' bytes per core. FSDP all-gathers the params for the forward and
+  # the backward pass and reduce-scatters the gradients: 3 * 7/8 (less its replicated biases).
+  param_gb = unscanned['params_mib_per_device'] * 2**20 / 1e9
+  for record in (unscanned, scanned):
+    assert record['interconnect_gb_per_device'] == pytest.approx(2 * 7 / 8 * param_gb, rel=0.02)
+  assert fsdp['interconnect_gb_per_device'] == pytest.approx(3 * 7 / 8 * param_gb, rel=0.03)
+  assert fsdp['params_mib_per_device'] < unscanned['params_mib_per_device'] / 7
+  assert fsdp['traffic_gb_per_device'] < scanned['traffic_gb_per_device']
+  [pair] = compile_bench.scan_vs_unscanned(records)  # The FSDP step has no unscanned partner.
   assert (pair['scanned_remat'], pair['unscanned_remat']) == ('dots', 'none')
   assert pair['cpu_ratio'] == round(
       scanned['compile_cpu_seconds'] / unscanned['compile_cpu_seconds'], 3)
@@ -364,7 +381,7 @@ def test_hlo_traffic_counts_operands_and_results_and_loop_trips():
   assert kernels['loop_convert_fusion'].bytes == 3 * (64 + 4 + 32)
   assert kernels['loop_add_fusion'].source == 'jit(f)/MixerBlock_0/add'
   assert {name: k.category for name, k in kernels.items()} == {
-      'gemm_fusion_dot': 'matmul', 'loop_add_fusion': 'elementwise', 'convert': 'other',
+      'gemm_fusion_dot': 'matmul', 'loop_add_fusion': 'elementwise', 'convert': 'elementwise',
       'loop_convert_fusion': 'elementwise', 'loop_dynamic_update_slice_fusion': 'slicing'}
   assert hlo_traffic.array_bytes('(f32[2,3]{1,0}, bf16[5]{0}, pred[])') == 24 + 10 + 1
 
@@ -420,6 +437,79 @@ def test_hlo_traffic_of_a_multi_output_fusion_writing_into_a_stack():
   assert kernel.bytes == 128 + 4 + 128 + 128
 
 
+_COLLECTIVES_HLO = """HloModule m, num_partitions=8
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%all-reduce-scatter (input: f32[1024]) -> f32[256] {
+  %input = f32[1024]{0} parameter(0)
+  %all-reduce.9 = f32[1024]{0} all-reduce(%input), channel_id=3, replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
+  %table = u32[8]{0} constant({0,1,2,3,0,1,2,3})
+  %id = u32[] partition-id()
+  %index = u32[1]{0} dynamic-slice(%table, %id), dynamic_slice_sizes={1}
+  %offset = u32[] bitcast(%index)
+  ROOT %slice = f32[256]{0} dynamic-slice(%all-reduce.9, %offset), dynamic_slice_sizes={256}
+}
+
+ENTRY %main (p: f32[1024], q: f32[2,256], r: f32[4,256]) -> (f32[1024], f32[8,256], f32[16,256], f32[256]) {
+  %p = f32[1024]{0} parameter(0)
+  %q = f32[2,256]{1,0} parameter(1)
+  %r = f32[4,256]{1,0} parameter(2)
+  %all-reduce.1 = f32[1024]{0} all-reduce(%p), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
+  %all-gather.1 = f32[8,256]{1,0} all-gather(%q), channel_id=2, replica_groups=[2,4]<=[8], dimensions={0}
+  %all-gather.2 = f32[16,256]{1,0} all-gather(%r), channel_id=4, replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([2,4]T(1,0)) {'axis_1'}, dimensions={0}
+  %fusion.3 = f32[256]{0} fusion(%p), kind=kCustom, calls=%all-reduce-scatter
+  ROOT %t = (f32[1024]{0}, f32[8,256]{1,0}, f32[16,256]{1,0}, f32[256]{0}) tuple(%all-reduce.1, %all-gather.1, %all-gather.2, %fusion.3)
+}
+"""  # noqa: E501  (HLO lines as XLA and libtpu print them)
+
+
+def test_hlo_traffic_estimates_what_collectives_send_over_the_interconnect():
+  """Ring volumes per device, groups of 4 in each of XLA's three ways of writing them: an
+  all-reduce of 4096 B sends 2*3/4 of it, an all-gather to 8192 B 3/4, and libtpu's
+  reduce-scatter (a fusion slicing an all-reduce of 4096 B) 3/4 of its input."""
+  kernels = {k.name: k for k in hlo_traffic.kernels(_COLLECTIVES_HLO)}
+  assert {name: k.category for name, k in kernels.items()} == dict.fromkeys(
+      ('all-reduce.1', 'all-gather.1', 'all-gather.2', 'fusion.3'), 'collective')
+  assert {name: k.ici_bytes for name, k in kernels.items()} == {
+      'all-reduce.1': 2 * 3 * 4096 // 4,   # replica_groups={{0,1,2,3},{4,5,6,7}}
+      'all-gather.1': 3 * 8192 // 4,       # replica_groups=[2,4]<=[8]
+      'all-gather.2': 3 * 16384 // 4,      # libtpu: mesh['axis_0'=2,'axis_1'=4] {'axis_1'}
+      'fusion.3': 3 * 4096 // 4}
+  assert hlo_traffic.summary(list(kernels.values()))['interconnect_gb'] == round(
+      (6144 + 6144 + 12288 + 3072) / 1e9, 6)
+
+
+@pytest.mark.parametrize('name, opcode, fused, expected', [
+    # XLA:GPU names a fusion after its hero.
+    ('gemm_fusion_dot.3', 'fusion', {'dot', 'parameter'}, 'matmul'),
+    ('input_reduce_fusion', 'fusion', {'reduce', 'multiply'}, 'reduction'),
+    ('loop_transpose_fusion', 'fusion', {'transpose'}, 'copy/layout'),
+    ('loop_dynamic_update_slice_fusion', 'fusion', {'dynamic-update-slice'}, 'slicing'),
+    ('loop_convert_fusion', 'fusion', {'convert'}, 'elementwise'),
+    # libtpu names most fusions `fusion.N`, and fuses matmuls with their neighbours.
+    ('multiply_reduce_fusion.2', 'fusion', {'convolution', 'reduce', 'multiply'}, 'matmul'),
+    ('fusion.38', 'fusion', {'convolution', 'dynamic-update-slice'}, 'matmul'),
+    ('fusion.12', 'fusion', {'reduce', 'add'}, 'reduction'),
+    ('fusion.13', 'fusion', {'dynamic-update-slice', 'add'}, 'slicing'),
+    ('fusion.14', 'fusion', {'transpose', 'add'}, 'copy/layout'),
+    ('fusion.15', 'fusion', {'add', 'reshape'}, 'elementwise'),
+    ('convolution.4', 'convolution', set(), 'matmul'),
+    ('all-reduce.103', 'all-reduce', set(), 'collective'),
+    ('all-gather-start', 'all-gather-start', set(), 'collective'),
+    ('fusion.33', 'fusion', {'all-reduce', 'dynamic-slice', 'partition-id'}, 'collective'),
+    ('convert.136', 'convert', set(), 'elementwise'),
+    ('reshape.7', 'reshape', set(), 'copy/layout'),
+    ('custom-call.2', 'custom-call', set(), 'other'),
+])
+def test_hlo_traffic_categories_of_gpu_and_tpu_kernels(name, opcode, fused, expected):
+  assert hlo_traffic.category(name, opcode, frozenset(fused)) == expected
+
+
 @pytest.mark.parametrize('op_name, readable', [
     ('jit(train_step)/jvp(MlpMixer)/MlpMixer._blocks/MixerBlock_7/LayerNorm_0/reduce_sum',
      'forward MixerBlock_*/LayerNorm_0/reduce_sum'),
@@ -427,6 +517,19 @@ def test_hlo_traffic_of_a_multi_output_fusion_writing_into_a_stack():
      'Dense_0/jvp(MlpMixer)/MlpMixer._blocks/MixerBlock_3/channel_mixing/Dense_0/checkpoint/'
      'reduce_sum', 'backward MixerBlock_*/channel_mixing/Dense_0/checkpoint/reduce_sum'),
     ('jit(train_step)/transpose(jvp(MlpMixer))/stem/reduce_sum', 'backward stem/reduce_sum'),
+    # After the gradients: clipping, the optimizer, the metrics.
+    ('jit(train_step)/reduce_sum', 'update reduce_sum'),
+    # Scanned blocks read like unrolled ones; remat's second forward pass is `recompute`.
+    ('jit(train_step)/transpose(jvp(MlpMixer))/MlpMixer._blocks/while/body/closed_call/'
+     'checkpoint/MixerBlocks/MixerBlock_0/LayerNorm_1/mul',
+     'backward MixerBlock_*/LayerNorm_1/mul'),
+    ('jit(train_step)/transpose(jvp(MlpMixer))/MlpMixer._blocks/while/body/closed_call/'
+     'checkpoint/rematted_computation/MixerBlocks/MixerBlock_0/token_mixing/Dense_0/add',
+     'recompute MixerBlock_*/token_mixing/Dense_0/add'),
+    ('jit(train_step)/jvp(MlpMixer)/MlpMixer._blocks/while/body/closed_call/MixerBlocks/'
+     'MixerBlock_0/add', 'forward MixerBlock_*/add'),
+    ('jit(train_step)/transpose(jvp(MlpMixer))/MlpMixer._blocks/while/body/closed_call',
+     'backward blocks (scan loop)'),
     ('', ''),
 ])
 def test_hlo_traffic_names_ops_readably(op_name, readable):

@@ -43,6 +43,11 @@ def test_compiles_for_the_devices_and_fsdp_shrinks_the_per_device_state():
   assert data['params'] == fsdp['params'] > 0
   # Params + Adam moments split 8 ways: the arguments shrink by several times.
   assert fsdp['argument_gib'] < data['argument_gib'] / 3
+  # Data parallelism all-reduces the float32 gradients: a ring sends 2 * 7/8 of their bytes
+  # per device. FSDP updates 1/8 of the params per device: fewer HBM bytes per step.
+  assert data['interconnect_gb_per_device'] == pytest.approx(
+      2 * 7 / 8 * 4 * data['params'] / 1e9, rel=0.02)
+  assert fsdp['hbm_traffic_gb_per_device'] < data['hbm_traffic_gb_per_device']
 
 
 def test_topology_names():

@@ -79,11 +79,13 @@ def run(topology: str | None = None, **config_kwargs) -> dict[str, Any]:
   plan = trainer_setup.memory_per_device(compiled) or {}
   params = _bytes_per_device(setup.abstract_state['params'])
   opt = _bytes_per_device(setup.abstract_state['opt_state'])
+  traffic = hlo_traffic.summary(hlo_traffic.kernels(compiled.as_text()))
   mib = 2.0 ** 20
   return {
       'benchmark': 'compile', **model_bench.config_fields(config),
       'num_blocks': setup.model.num_blocks,
-      'mesh': dict(setup.mesh.shape), 'devices': len(devices), 'topology': topology,
+      'mesh': dict(setup.mesh.shape), 'fsdp': setup.mesh.shape['fsdp'],
+      'devices': len(devices), 'topology': topology,
       'device_kind': devices[0].device_kind,
       'compile_seconds': round(compile_time.seconds, 2),
       # CPU time of this process (all threads): robust to other load on the machine.
@@ -97,8 +99,10 @@ def run(topology: str | None = None, **config_kwargs) -> dict[str, Any]:
       **{f'{name}_mib_per_device': round(plan[name] / mib, 2) if name in plan else None
          for name in ('argument', 'output', 'temp', 'alias', 'total')},
       # Bytes the step's kernels move per device, from its optimized HLO (hlo_traffic).
-      'traffic_gb_per_device': hlo_traffic.summary(hlo_traffic.kernels(compiled.as_text()))[
-          'traffic_gb'],
+      'traffic_gb_per_device': traffic['traffic_gb'],
+      'traffic_gb_by_category_per_device': traffic['traffic_gb_by_category'],
+      # What its collectives send per device over the interconnect (ring volume).
+      'interconnect_gb_per_device': traffic['interconnect_gb'],
   }
 
 
@@ -158,7 +162,7 @@ def scan_vs_unscanned(records: list[dict]) -> list[dict[str, Any]]:
   """
   def setting(r, num_blocks=None):
     return (r['model'], r['image_size'], r['batch_size'], r['dtype'], r['devices'],
-            r.get('topology'), num_blocks or r['num_blocks'])
+            r.get('topology'), r.get('fsdp'), num_blocks or r['num_blocks'])
   compiles = [r for r in records if r.get('benchmark') == 'compile']
   unscanned = {(setting(r), r['remat']): r for r in compiles if not r['scan_blocks']}
   pairs = []
@@ -173,7 +177,7 @@ def scan_vs_unscanned(records: list[dict]) -> list[dict[str, Any]]:
       pairs.append({
           'benchmark': 'scan_vs_unscanned', 'model': scanned['model'],
           'image_size': scanned['image_size'], 'batch_size': scanned['batch_size'],
-          'dtype': scanned['dtype'], 'devices': scanned['devices'],
+          'dtype': scanned['dtype'], 'devices': scanned['devices'], 'fsdp': scanned.get('fsdp'),
           'device_kind': scanned['device_kind'], 'topology': scanned.get('topology'),
           'num_blocks': scanned['num_blocks'],
           'scanned_remat': scanned['remat'], 'unscanned_remat': remat,

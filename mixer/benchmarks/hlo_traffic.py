@@ -12,6 +12,13 @@ loop reads its block's slice of stacked arrays (`dynamic-slice`) and writes
 its slice in place (`dynamic-update-slice`, also inside a multi-output fusion):
 only the slices count.
 
+Each kernel gets a category (`category`: matmul, reduction, ..., collective),
+from its name on XLA:GPU and from what it holds in libtpu's `fusion.N`. Each
+collective also gets the bytes it sends per device over the interconnect, as a
+ring all-reduce, all-gather or reduce-scatter does (`interconnect_gb`): with
+the HBM bytes, what a sharding choice trades (docs/benchmarks.md, "Sharding a
+pod run").
+
 The estimate ranks variants the way the H100 did: for the B/16 train step at
 batch 256, five variants measured there from 141.8 GB (65.2 ms) to 323.7 GB
 (120 ms, scanned without remat) lie within 3.3 ms of one line whose slope is
@@ -47,7 +54,53 @@ _NAME = re.compile(r'%([\w.\-]+)')
 # Instructions that move no data of their own.
 _FREE = frozenset({'parameter', 'get-tuple-element', 'tuple', 'constant', 'bitcast',
                    'after-all', 'partition-id', 'replica-id', 'opt-barrier'})
-CATEGORIES = ('matmul', 'reduction', 'elementwise', 'copy/layout', 'slicing', 'other')
+CATEGORIES = ('matmul', 'reduction', 'elementwise', 'copy/layout', 'slicing', 'collective',
+              'other')
+_COLLECTIVES = frozenset(
+    name + suffix for name in ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
+                               'collective-permute', 'collective-broadcast')
+    for suffix in ('', '-start', '-done'))
+_MATMULS = frozenset({'dot', 'convolution'})
+_SLICES = frozenset({'dynamic-slice', 'dynamic-update-slice'})
+_REDUCTIONS = frozenset({'reduce', 'reduce-window'})
+_LAYOUT = frozenset({'copy', 'transpose', 'reshape'})
+_ELEMENTWISE = frozenset({
+    'abs', 'add', 'and', 'broadcast', 'cbrt', 'ceil', 'clamp', 'compare', 'convert', 'cosine',
+    'divide', 'exponential', 'exponential-minus-one', 'floor', 'iota', 'log', 'log-plus-one',
+    'logistic', 'maximum', 'minimum', 'multiply', 'negate', 'not', 'or', 'power', 'remainder',
+    'round-nearest-even', 'rsqrt', 'select', 'sign', 'sine', 'sqrt', 'subtract', 'tanh', 'xor'})
+
+
+def category(name: str, opcode: str, fused: frozenset[str] = frozenset()) -> str:
+  """What a kernel is, from its name, its opcode and the opcodes `fused` inside it (nested too).
+
+  XLA:GPU names a fusion after its hero (`gemm_fusion_dot`, `input_reduce_fusion`,
+  `loop_transpose_fusion`); libtpu names most `fusion.N` and fuses each matmul (a
+  `convolution`) with its neighbours, e.g. into `multiply_reduce_fusion`. So a fusion
+  holding a matmul is a matmul, and one named `fusion.N` (libtpu's, and XLA:GPU's
+  multi-output fusions) is what it holds.
+  A collective (`all-reduce` names hold 'reduce'; libtpu's reduce-scatter is a
+  `fusion.N` around an all-reduce) is ICI traffic as well as HBM traffic.
+  """
+  if 'gemm' in name or 'dot' in name or opcode in _MATMULS or fused & _MATMULS:
+    return 'matmul'
+  if opcode in _COLLECTIVES or fused & _COLLECTIVES:
+    return 'collective'
+  if 'dynamic_update_slice' in name or 'dynamic_slice' in name or opcode in _SLICES:
+    return 'slicing'
+  if 'reduce' in name or opcode in _REDUCTIONS:
+    return 'reduction'
+  if 'transpose' in name or 'copy' in name or opcode in _LAYOUT:
+    return 'copy/layout'
+  if opcode == 'fusion' or 'fusion' in name:
+    if not re.fullmatch(r'fusion(\.[\w.]*)?', name):
+      return 'elementwise'  # Named after an elementwise hero, e.g. `loop_convert_fusion`.
+    for held, kind in ((_SLICES, 'slicing'), (_REDUCTIONS, 'reduction'),
+                       (_LAYOUT - {'reshape'}, 'copy/layout')):
+      if fused & held:
+        return kind
+    return 'elementwise'
+  return 'elementwise' if opcode in _ELEMENTWISE else 'other'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,22 +111,8 @@ class Kernel:
   source: str      # The jax op it came from (HLO metadata op_name), '' if none.
   bytes: int
   trips: int       # How often it runs per step (1 outside loops).
-
-  @property
-  def category(self) -> str:
-    name = self.name
-    if 'gemm' in name or 'dot' in name or self.opcode in ('dot', 'convolution'):
-      return 'matmul'
-    if 'dynamic_update_slice' in name or 'dynamic_slice' in name or self.opcode in (
-        'dynamic-slice', 'dynamic-update-slice'):
-      return 'slicing'
-    if 'reduce' in name or self.opcode in ('reduce', 'reduce-window'):
-      return 'reduction'
-    if 'transpose' in name or 'copy' in name or self.opcode in ('copy', 'transpose'):
-      return 'copy/layout'
-    if self.opcode == 'fusion' or 'fusion' in name:
-      return 'elementwise'
-    return 'other'
+  category: str    # One of CATEGORIES (`category`).
+  ici_bytes: int = 0  # What a collective sends per device over the interconnect (`_ici_bytes`).
 
 
 def array_bytes(shape: str) -> int:
@@ -163,6 +202,68 @@ def _fusion_access(computation: str, computations, memo: dict) -> tuple[dict, di
   return memo[computation]
 
 
+def _group_size(rest: str, devices: int) -> int:
+  """How many devices one of a collective's groups holds, from its `replica_groups`:
+  explicit ({{0,1,..},..}), iota ([groups,size]<=[n]) or libtpu's mesh form
+  (mesh['axis_0'=16,'axis_1'=16] {'axis_0'}); `devices` where it names none."""
+  explicit = re.search(r'replica_groups=\{\{([\d,]*)\}', rest)
+  if explicit:
+    return len(explicit.group(1).split(','))
+  iota = re.search(r'replica_groups=\[\d+,(\d+)\]<=', rest)
+  if iota:
+    return int(iota.group(1))
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", rest)
+  if mesh:
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
+    size = 1
+    for axis in re.findall(r"'(\w+)'", mesh.group(2)):
+      size *= int(sizes.get(axis, 1))
+    return size
+  return devices
+
+
+def _ici_bytes(opcode: str, rest: str, operands: list[int], result: int, body, devices: int) -> int:
+  """Bytes one device sends over the interconnect for a collective, as a ring does it: an
+  all-reduce of S bytes over n devices sends 2(n-1)/n S, an all-gather to S or a
+  reduce-scatter of S (n-1)/n S. A fusion holding a collective (libtpu's reduce-scatter
+  is an all-reduce whose result it slices) counts as the collective it holds. A torus
+  spreads the same bytes over more links; this is the volume, not the time."""
+  if opcode == 'fusion':
+    inner = [(op, array_bytes(shape), text) for _, shape, op, text in body
+             if op in _COLLECTIVES]
+    if not inner:
+      return 0
+    opcode, size, rest = inner[0]
+    if opcode.startswith('all-reduce') and result < size:
+      opcode = 'reduce-scatter'  # The slice of the reduced whole that this device keeps.
+    operands, result = [size], size
+  if opcode.endswith('-done') or opcode not in _COLLECTIVES:
+    return 0
+  n = _group_size(rest, devices)
+  share = (n - 1) / n
+  kind = opcode.removesuffix('-start')
+  if kind == 'all-reduce':
+    return round(2 * share * result)
+  if kind == 'all-gather':
+    return round(share * result)
+  if kind in ('reduce-scatter', 'all-to-all'):
+    return round(share * sum(operands))
+  return sum(operands)  # collective-permute, collective-broadcast: each sends its operand.
+
+
+def _fused_opcodes(computation: str, computations, memo: dict) -> frozenset[str]:
+  """The opcodes of a fused computation, with those of the fusions nested in it."""
+  if computation not in memo:
+    opcodes = set()
+    for _, _, opcode, rest in computations.get(computation, []):
+      opcodes.add(opcode)
+      nested = re.search(r'calls=%([\w.\-]+)', rest) if opcode == 'fusion' else None
+      if nested:
+        opcodes |= _fused_opcodes(nested.group(1), computations, memo)
+    memo[computation] = frozenset(opcodes)
+  return memo[computation]
+
+
 def _trip_count(name: str, rest: str, computations) -> int:
   """How often a `while` runs: XLA's `known_trip_count` (GPU and CPU record it), else the
   bound of its condition `counter < constant`, the form a lowered `scan` takes (libtpu's
@@ -191,7 +292,9 @@ def kernels(hlo: str) -> list[Kernel]:
   computations = _computations(hlo)
   if 'ENTRY' not in computations:
     raise ValueError('No ENTRY computation: pass the text of an HLO module (compiled.as_text()).')
-  found, memo = [], {}
+  found, memo, opcodes_memo = [], {}, {}
+  partitions = re.search(r'num_partitions=(\d+)', hlo[:100_000])
+  devices = int(partitions.group(1)) if partitions else 1
 
   def walk(computation: str, trips: int):
     shapes = {}
@@ -222,41 +325,61 @@ def kernels(hlo: str) -> list[Kernel]:
       moved = (sum(read.get(i, b) for i, b in enumerate(operands) if i not in in_place)
                + result - aliased + sum(in_place.values()))
       source = re.search(r'op_name="([^"]*)"', rest)
-      found.append(Kernel(name, opcode, source.group(1) if source else '', moved * trips, trips))
+      fused_opcodes = (_fused_opcodes(fused.group(1), computations, opcodes_memo) if fused
+                       else frozenset())
+      kind = category(name, opcode, fused_opcodes)
+      ici = (_ici_bytes(opcode, rest, operands, result,
+                        computations.get(fused.group(1), []) if fused else [], devices)
+             if kind == 'collective' else 0)
+      found.append(Kernel(name, opcode, source.group(1) if source else '', moved * trips, trips,
+                          kind, ici * trips))
 
   walk('ENTRY', 1)
   return found
 
 
 def summary(found: list[Kernel]) -> dict:
-  """Total bytes per step and per category, in GB."""
+  """Total bytes per step and per category, and what the collectives send, in GB per device."""
   by_category = collections.Counter()
   for kernel in found:
     by_category[kernel.category] += kernel.bytes
-  return {'traffic_gb': round(sum(by_category.values()) / 1e9, 3),
-          'traffic_gb_by_category': {c: round(by_category[c] / 1e9, 3)
-                                     for c in CATEGORIES if by_category[c]}}
+  # To the kB: a small test model's step moves well under a MB.
+  return {'traffic_gb': round(sum(by_category.values()) / 1e9, 6),
+          'traffic_gb_by_category': {c: round(by_category[c] / 1e9, 6)
+                                     for c in CATEGORIES if by_category[c]},
+          # Bytes each device's collectives send over the interconnect (ICI on a TPU slice).
+          'interconnect_gb': round(sum(k.ici_bytes for k in found) / 1e9, 6)}
 
 
 def readable_source(op_name: str) -> str:
   """A kernel's jax op for people: 'backward MixerBlock_*/channel_mixing/Dense_0/mul'.
 
   From HLO's op_name ('jit(train_step)/transpose(jvp(MlpMixer))/MlpMixer._blocks/
-  MixerBlock_3/...'): the pass, then the module path with block indices merged;
-  a path that a nested transformation (jax.checkpoint) repeats is written once.
+  MixerBlock_3/...'): the pass, then the module path with block indices merged.
+  The pass is `forward`, `backward`, `recompute` (remat's forward pass again,
+  inside the backward one) or `update` (after the gradients: clipping, the
+  optimizer, the train metrics). The scan's own levels (`while/body`,
+  `closed_call`, the remat `checkpoint` around the blocks, `MixerBlocks`) are
+  dropped, so scanned and unrolled steps read alike; a path that a nested
+  transformation (jax.checkpoint) repeats is written once.
   """
   if not op_name:
     return ''
   path = re.sub(r'^jit\([^)]*\)/', '', op_name)
-  direction = 'backward' if path.startswith('transpose(') else 'forward'
+  direction = ('backward' if path.startswith('transpose(') else
+               'forward' if path.startswith('jvp(') else 'update')
   path = re.sub(r'(transpose\()?jvp\([^)]*\)\)?/', '', path)
-  path = re.sub(r'MlpMixer\._blocks/', '', re.sub(r'MixerBlock_\d+', 'MixerBlock_*', path))
+  if 'rematted_computation/' in path:
+    direction = 'recompute'
+  path = re.sub(r'while/body/|closed_call/?|checkpoint/(?=rematted_computation/|MixerBlocks/)|'
+                r'rematted_computation/|MixerBlocks/', '', path)
+  path = re.sub(r'MlpMixer\._blocks/?', '', re.sub(r'MixerBlock_\d+', 'MixerBlock_*', path))
   parts = path.split('/')
   for size in range(len(parts) // 2, 0, -1):
     if parts[:size] == parts[size:2 * size]:
       parts = parts[size:]
       break
-  return f'{direction} {"/".join(parts)}'
+  return f'{direction} {"/".join(parts) or "blocks (scan loop)"}'
 
 
 def by_source(found: list[Kernel], top: int) -> list[tuple[float, int, str]]:
@@ -278,8 +401,11 @@ def report(hlo: str, top: int, bandwidth: float) -> str:
   gb = totals['traffic_gb']
   lines = [f'{gb:.1f} GB per step ({gb / bandwidth * 1e3:.1f} ms at {bandwidth:g} GB/s), '
            f'{sum(k.trips for k in found)} kernels: ' + ', '.join(
-               f'{c} {v:.1f}' for c, v in totals['traffic_gb_by_category'].items()),
-           f'{"GB":>8}  {"kernels":>7}  largest non-matmul traffic, by jax op']
+               f'{c} {v:.1f}' for c, v in totals['traffic_gb_by_category'].items())]
+  if totals['interconnect_gb']:
+    lines.append(f'collectives send {totals["interconnect_gb"]:.2f} GB per device over the '
+                 'interconnect (ring volume)')
+  lines += [f'{"GB":>8}  {"kernels":>7}  largest non-matmul traffic, by jax op']
   lines += [f'{gb:8.2f}  {count:7d}  {source}' for gb, count, source in by_source(found, top)]
   return '\n'.join(lines)
 

@@ -6,10 +6,12 @@
   compile  train-step compile time and memory per device, on each
            of --devices (fake CPU devices, FSDP over all of them)  (compile_bench)
            or, with --topology=v3-256, for a TPU slice (libtpu,
-           compile-only); with --scan_blocks=false,true also the
-           scanned/unscanned compile-time ratio beside its floor (the
-           unscanned one-block step, compiled too), and the bytes its
-           kernels move per step (hlo_traffic: memory-bound cost)
+           compile-only; --fsdp=1,16 for data x FSDP meshes); with
+           --scan_blocks=false,true also the scanned/unscanned
+           compile-time ratio beside its floor (the unscanned one-block
+           step, compiled too); the bytes its kernels move per step
+           (hlo_traffic: memory-bound cost) and its collectives send
+           over the interconnect
   cache    first vs second start with the persistent compile cache (compile_bench)
   e2e      the trainer on 'synthetic' data vs the bare train step   (e2e_bench)
   profile  where the train step's device time goes: a jax.profiler trace,
@@ -60,6 +62,9 @@ _E2E_STEPS = flags.DEFINE_integer(
 _INPUT_IMAGES = flags.DEFINE_integer(
     'input_images', 3072, 'Images timed by `input`: many times what the pipeline buffers, '
     'or the rate measures the buffers.')
+_FSDP = flags.DEFINE_list(
+    'fsdp', ['1'], '`compile --topology`: FSDP degrees, each compiled on a data=-1 x fsdp mesh '
+    '(e.g. 1,16). With --devices, FSDP spans all devices.')
 _TOPOLOGY = flags.DEFINE_string(
     'topology', None, '`compile` for this TPU slice (e.g. v3-256; needs libtpu) instead of '
     '--devices.')
@@ -80,13 +85,15 @@ _COLUMNS = {
                 ('GFLOP/img', 'model_gflops_per_image'), ('MFU', 'mfu'),
                 ('cpu ms/img', 'cpu_ms_per_image'), ('MFU cpu-time', 'mfu_cpu_time'),
                 ('mem MiB', 'memory_bytes_per_device')],
-    'compile': [('blocks', 'num_blocks'), ('devices', 'devices'), ('compile s', 'compile_seconds'),
+    'compile': [('blocks', 'num_blocks'), ('devices', 'devices'), ('fsdp', 'fsdp'),
+                ('compile s', 'compile_seconds'),
                 ('cpu s', 'compile_cpu_seconds'), ('tracing cpu s', 'tracing_cpu_seconds'),
                 ('params MiB', 'params_mib_per_device'),
                 ('opt MiB', 'opt_state_mib_per_device'), ('args MiB', 'argument_mib_per_device'),
                 ('temp MiB', 'temp_mib_per_device'), ('donated MiB', 'alias_mib_per_device'),
-                ('total MiB', 'total_mib_per_device'), ('traffic GB', 'traffic_gb_per_device')],
-    'scan_vs_unscanned': [('devices', 'devices'), ('remat', 'scanned_remat'),
+                ('total MiB', 'total_mib_per_device'), ('traffic GB', 'traffic_gb_per_device'),
+                ('ICI GB', 'interconnect_gb_per_device')],
+    'scan_vs_unscanned': [('devices', 'devices'), ('fsdp', 'fsdp'), ('remat', 'scanned_remat'),
                           ('vs remat', 'unscanned_remat'),
                           ('scanned cpu s', 'scanned_cpu_seconds'),
                           ('unscanned cpu s', 'unscanned_cpu_seconds'),
@@ -193,13 +200,14 @@ def main(argv):
       from mixer.benchmarks import compile_bench
     if 'compile' in chosen:
       compiled = []
-      compile_combos = compile_bench.with_one_block_steps(combos)
       if _TOPOLOGY.value:
-        compiled += compile_bench.run_on_topology(compile_combos, _TOPOLOGY.value)
+        compiled += compile_bench.run_on_topology(compile_bench.with_one_block_steps(
+            [dict(kwargs, fsdp=int(fsdp)) for fsdp in _FSDP.value for kwargs in combos]),
+            _TOPOLOGY.value)
       else:
         for devices in (int(d) for d in _DEVICES.value):
-          compiled += compile_bench.run_on_devices(
-              [dict(kwargs, fsdp=devices) for kwargs in compile_combos], devices)
+          compiled += compile_bench.run_on_devices(compile_bench.with_one_block_steps(
+              [dict(kwargs, fsdp=devices) for kwargs in combos]), devices)
       for record in compiled + compile_bench.scan_vs_unscanned(compiled):
         emit(record)
     if 'cache' in chosen:
