@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gzip
+import os
 import re
 import sys
 
@@ -222,7 +223,8 @@ def _group_size(rest: str, devices: int) -> int:
   return devices
 
 
-def _ici_bytes(opcode: str, rest: str, operands: list[int], result: int, body, devices: int) -> int:
+def _ici_bytes(opcode: str, rest: str, operands: list[int], result: int, result_is_tuple: bool,
+               body, devices: int) -> int:
   """Bytes one device sends over the interconnect for a collective, as a ring does it: an
   all-reduce of S bytes over n devices sends 2(n-1)/n S, an all-gather to S or a
   reduce-scatter of S (n-1)/n S. A fusion holding a collective (libtpu's reduce-scatter
@@ -236,12 +238,14 @@ def _ici_bytes(opcode: str, rest: str, operands: list[int], result: int, body, d
     opcode, size, rest = inner[0]
     if opcode.startswith('all-reduce') and result < size:
       opcode = 'reduce-scatter'  # The slice of the reduced whole that this device keeps.
-    operands, result = [size], size
+    operands, result, result_is_tuple = [size], size, False
   if opcode.endswith('-done') or opcode not in _COLLECTIVES:
     return 0
   n = _group_size(rest, devices)
   share = (n - 1) / n
   kind = opcode.removesuffix('-start')
+  if opcode == 'all-gather-start' and result_is_tuple:
+    result -= sum(operands)  # Its result is (operand, gathered).
   if kind == 'all-reduce':
     return round(2 * share * result)
   if kind == 'all-gather':
@@ -300,7 +304,7 @@ def kernels(hlo: str) -> list[Kernel]:
     shapes = {}
     for name, shape, opcode, rest in computations[computation]:
       shapes[name] = shape
-      if opcode in _FREE:
+      if opcode in _FREE or opcode.endswith('-done'):  # A `*-done` waits for its `*-start`.
         continue
       if opcode == 'while':
         walk(re.search(r'body=%([\w.\-]+)', rest).group(1),
@@ -328,7 +332,7 @@ def kernels(hlo: str) -> list[Kernel]:
       fused_opcodes = (_fused_opcodes(fused.group(1), computations, opcodes_memo) if fused
                        else frozenset())
       kind = category(name, opcode, fused_opcodes)
-      ici = (_ici_bytes(opcode, rest, operands, result,
+      ici = (_ici_bytes(opcode, rest, operands, result, shape.startswith('('),
                         computations.get(fused.group(1), []) if fused else [], devices)
              if kind == 'collective' else 0)
       found.append(Kernel(name, opcode, source.group(1) if source else '', moved * trips, trips,
@@ -417,11 +421,15 @@ def main(argv, hlo: str, top: int, bandwidth: float) -> int:
     opener = gzip.open if hlo.endswith('.gz') else open
     with opener(hlo, 'rt') as f:
       text = f.read()
-    print(report(text, top, bandwidth))
+    lines = report(text, top, bandwidth)
   except (OSError, ValueError) as error:
     print(f'error: cannot read HLO from {hlo}: {error}. Pass the text of a compiled '
           'step: open(path, "w").write(compiled.as_text()).', file=sys.stderr)
     return 2
+  try:
+    print(lines, flush=True)
+  except BrokenPipeError:  # Piped into `head`, which has read enough: not an error.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
   return 0
 
 
