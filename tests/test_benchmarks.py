@@ -243,6 +243,26 @@ def test_run_cli_writes_json_lines_and_a_table(tmp_path):
 
 
 @pytest.mark.slow
+def test_run_cli_compiles_for_a_tpu_slice_on_each_fsdp_mesh(tmp_path):
+  """`--topology --fsdp=1,8`: one compile per mesh, with the HBM and ICI columns."""
+  out = tmp_path / 'results.jsonl'
+  done = subprocess.run(
+      [sys.executable, '-m', 'mixer.benchmarks.run', '--benchmarks=compile',
+       '--models=Mixer-S_32', '--image_sizes=64', '--batch_sizes=8', '--topology=v3-8',
+       '--fsdp=1,8', f'--out={out}'],
+      env=multidevice.subprocess_env(1), capture_output=True, text=True, cwd=multidevice.REPO,
+      timeout=900, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(r['fsdp'], r['mesh']) for r in records] == [
+      (1, {'data': 8, 'fsdp': 1, 'model': 1}), (8, {'data': 1, 'fsdp': 8, 'model': 1})]
+  assert records[1]['params_mib_per_device'] < records[0]['params_mib_per_device'] / 7
+  assert all(r['interconnect_gb_per_device'] > 0 for r in records)
+  header = next(line for line in done.stdout.splitlines() if 'traffic GB' in line)
+  assert header.rstrip().endswith('ICI GB') and ' fsdp ' in header
+
+
+@pytest.mark.slow
 def test_compile_bench_reports_memory_plan():
   [record] = compile_bench.run_on_devices(
       [dict(model='Mixer-S_32', image_size=64, batch_size=4, scan_blocks=True, remat='dots')], 1)
