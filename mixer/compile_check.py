@@ -105,7 +105,7 @@ def check(config: ml_collections.ConfigDict, devices, hbm_gib: float | None = No
       result['fits'] = plan['total'] / gib <= hbm_gib
   # What one step costs besides FLOPs, per device: the bytes its kernels move in HBM, and
   # what its collectives send over the interconnect (e.g. to compare --config.mesh.fsdp).
-  traffic = hlo_traffic.summary(hlo_traffic.kernels(compiled.as_text()))
+  traffic = hlo_traffic.step_summary(compiled)
   result['hbm_traffic_gb_per_device'] = traffic['traffic_gb']
   result['interconnect_gb_per_device'] = traffic['interconnect_gb']
   return result

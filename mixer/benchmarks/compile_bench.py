@@ -79,7 +79,7 @@ def run(topology: str | None = None, **config_kwargs) -> dict[str, Any]:
   plan = trainer_setup.memory_per_device(compiled) or {}
   params = _bytes_per_device(setup.abstract_state['params'])
   opt = _bytes_per_device(setup.abstract_state['opt_state'])
-  traffic = hlo_traffic.summary(hlo_traffic.kernels(compiled.as_text()))
+  traffic = hlo_traffic.step_summary(compiled)
   mib = 2.0 ** 20
   return {
       'benchmark': 'compile', **model_bench.config_fields(config),

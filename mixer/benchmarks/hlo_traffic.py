@@ -57,10 +57,11 @@ _FREE = frozenset({'parameter', 'get-tuple-element', 'tuple', 'constant', 'bitca
                    'after-all', 'partition-id', 'replica-id', 'opt-barrier'})
 CATEGORIES = ('matmul', 'reduction', 'elementwise', 'copy/layout', 'slicing', 'collective',
               'other')
+# With their async `-start` forms; a `-done` only waits for its start (`kernels` skips it).
 _COLLECTIVES = frozenset(
     name + suffix for name in ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
                                'collective-permute', 'collective-broadcast')
-    for suffix in ('', '-start', '-done'))
+    for suffix in ('', '-start'))
 _MATMULS = frozenset({'dot', 'convolution'})
 _SLICES = frozenset({'dynamic-slice', 'dynamic-update-slice'})
 _REDUCTIONS = frozenset({'reduce', 'reduce-window'})
@@ -239,7 +240,7 @@ def _ici_bytes(opcode: str, rest: str, operands: list[int], result: int, result_
     if opcode.startswith('all-reduce') and result < size:
       opcode = 'reduce-scatter'  # The slice of the reduced whole that this device keeps.
     operands, result, result_is_tuple = [size], size, False
-  if opcode.endswith('-done') or opcode not in _COLLECTIVES:
+  if opcode not in _COLLECTIVES:
     return 0
   n = _group_size(rest, devices)
   share = (n - 1) / n
@@ -318,8 +319,9 @@ def kernels(hlo: str) -> list[Kernel]:
       operands = [array_bytes(shapes[o]) for o in _operand_names(rest) if o in shapes]
       result = array_bytes(shape)
       fused = re.search(r'calls=%([\w.\-]+)', rest)
-      read, in_place, aliased = (_fusion_access(fused.group(1), computations, memo) if fused
-                                 else ({}, {}, 0))
+      fused_computation = fused.group(1) if fused else None
+      read, in_place, aliased = (_fusion_access(fused_computation, computations, memo)
+                                 if fused_computation else ({}, {}, 0))
       if opcode == 'dynamic-slice':
         read = {0: result}
       if opcode == 'dynamic-update-slice':
@@ -329,17 +331,22 @@ def kernels(hlo: str) -> list[Kernel]:
       moved = (sum(read.get(i, b) for i, b in enumerate(operands) if i not in in_place)
                + result - aliased + sum(in_place.values()))
       source = re.search(r'op_name="([^"]*)"', rest)
-      fused_opcodes = (_fused_opcodes(fused.group(1), computations, opcodes_memo) if fused
-                       else frozenset())
+      fused_opcodes = (_fused_opcodes(fused_computation, computations, opcodes_memo)
+                       if fused_computation else frozenset())
       kind = category(name, opcode, fused_opcodes)
       ici = (_ici_bytes(opcode, rest, operands, result, shape.startswith('('),
-                        computations.get(fused.group(1), []) if fused else [], devices)
+                        computations.get(fused_computation, []), devices)
              if kind == 'collective' else 0)
       found.append(Kernel(name, opcode, source.group(1) if source else '', moved * trips, trips,
                           kind, ici * trips))
 
   walk('ENTRY', 1)
   return found
+
+
+def step_summary(compiled) -> dict:
+  """`summary` of a compiled step (`jax.stages.Compiled`): what compile benchmarks report."""
+  return summary(kernels(compiled.as_text()))
 
 
 def summary(found: list[Kernel]) -> dict:
