@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from mixer import checkpoint, compile_cache, config_lib, datasets, evaluators, input_pipeline
 from mixer import models, paths, reporting, sharding, trainer_setup, weights
 from mixer import workdir as workdir_lib
+from mixer.benchmarks import profile_bench
 
 # What `train_and_evaluate` returns, as `result[PREEMPTED] = True`, when it
 # stopped for a preemption after saving: the command line exits 75 then.
@@ -311,7 +312,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     while step < config.total_steps:
       if profile_steps and step == profile_steps[0] and jax.process_index() == 0:
         jax.block_until_ready(state)  # Earlier steps still running would land in the trace.
-        jax.profiler.start_trace(profile_dir)
+        profile_bench.start_trace(profile_dir, compiled_step)  # With the HLO that names ops.
       local_batch = next(train_iter)
       batch = sharding.put_local_batch(
           {'image': local_batch['image'], 'labels': local_batch['labels']}, mesh)

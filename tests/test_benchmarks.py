@@ -633,13 +633,96 @@ def test_profile_sums_the_gpu_kernels_of_a_real_h100_trace():
     ('nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_splitK_NTN', 'matmul'),
     ('gemm_fusion_dot_49', 'matmul'),
     ('input_transpose_fusion_35', 'copy/layout'),
-    ('loop_dynamic_update_slice_fusion_5', 'copy/layout'),
+    ('loop_dynamic_update_slice_fusion_5', 'slicing'),  # A scanned block's slice of a stack.
     ('input_add_reduce_fusion_57', 'reduction'),
     ('memcpy128', 'memcpy'),
     ('Memset 3', 'memcpy'),
+    # NCCL's kernels and XLA's collectives reduce, but over the interconnect.
+    ('ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevComm, unsigned long, ncclWork*)',
+     'collective'),
+    ('ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL', 'collective'),
+    ('all-reduce.3', 'collective'),
+    ('all-gather-start.1', 'collective'),
+    ('fusion.12', 'elementwise'),  # By its name alone; what it is, only the HLO says.
 ])
 def test_profile_categories(op, expected):
   assert profile_bench.category(op) == expected
+
+
+def test_profile_categories_come_from_the_steps_hlo_where_it_names_the_op():
+  hlo = textwrap.dedent('''\
+      HloModule step
+
+      %fused_computation (p0: bf16[64,32], p1: bf16[32,32]) -> bf16[64,32] {
+        %p0 = bf16[64,32]{1,0} parameter(0)
+        %p1 = bf16[32,32]{1,0} parameter(1)
+        %convolution.1 = bf16[64,32]{1,0} convolution(%p0, %p1), dim_labels=bf_io->bf
+        ROOT %multiply.1 = bf16[64,32]{1,0} multiply(%convolution.1, %convolution.1)
+      }
+
+      ENTRY %main (x: bf16[64,32], w: bf16[32,32]) -> bf16[64,32] {
+        %x = bf16[64,32]{1,0} parameter(0)
+        %w = bf16[32,32]{1,0} parameter(1)
+        %fusion.12 = bf16[64,32]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_computation
+        ROOT %loop_add_fusion.2 = bf16[64,32]{1,0} add(%fusion.12, %x)
+      }
+      ''')
+  categories = profile_bench.op_categories(hlo)
+  # A TPU trace names ops as the HLO does; XLA:GPU's kernels write '_' for '.'.
+  assert categories == {'fusion.12': 'matmul', 'fusion_12': 'matmul',
+                        'loop_add_fusion.2': 'elementwise', 'loop_add_fusion_2': 'elementwise'}
+  assert profile_bench.category('fusion.12', categories) == 'matmul'
+  assert profile_bench.category('fusion_12', categories) == 'matmul'
+  # Kernels the HLO does not name (cuBLAS, cuDNN, memcpy) go by their names.
+  assert profile_bench.category('nvjet_sm90_tst_128x160', categories) == 'matmul'
+  assert profile_bench.category('memcpy32_post', categories) == 'memcpy'
+  assert set(hlo_traffic.CATEGORIES) <= set(profile_bench.CATEGORY_NAMES)
+
+
+def test_profile_sorts_a_tpu_steps_ops_by_the_hlo_written_beside_the_trace(tmp_path, capsys):
+  """A TPU's "XLA Ops" line names ops as the HLO does (`fusion.12`), and libtpu fuses each
+  matmul with its neighbours: only the step's HLO, which `start_trace` writes beside the
+  trace, says which ops are matmuls. The real S/32 step compiled by libtpu for a v3-8; its
+  trace written as a TPU writes one (no TPU here), each kernel lasting its bytes in kB, so
+  that each category's share of the time must be its share of `hlo_traffic`'s bytes."""
+  from mixer import compile_check, trainer_setup  # pylint: disable=g-import-not-at-top
+  devices, _ = compile_check.topology_devices('v3-8')
+  config = model_bench.bench_config('Mixer-S_32', batch_size=8, image_size=64)
+  config.mesh.data = -1
+  compiled = trainer_setup.compile_train_step(trainer_setup.build(config, devices))
+  trace_dir = tmp_path / 'profile'
+  profile_bench.start_trace(str(trace_dir), compiled)  # As the trainer's profile_steps does.
+  jax.profiler.stop_trace()
+  [run_folder] = (trace_dir / 'plugins' / 'profile').iterdir()
+  for host_trace in run_folder.glob('*.trace.json.gz'):  # This CPU host's: no device ops.
+    host_trace.unlink()
+  kernels = hlo_traffic.kernels(compiled.as_text())
+  events = [{'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/device:TPU:0'}},
+            {'ph': 'M', 'name': 'thread_name', 'pid': 1, 'tid': 2, 'args': {'name': 'XLA Ops'}}]
+  events += [{'ph': 'X', 'pid': 1, 'tid': 2, 'name': k.name, 'dur': k.bytes / 1e3}
+             for k in kernels]
+  (run_folder / 'tpu.trace.json.gz').write_bytes(
+      gzip.compress(json.dumps({'traceEvents': events}).encode()))
+
+  assert profile_bench.main([], str(trace_dir), steps=1, top=3) == 0
+  first_line = capsys.readouterr().out.splitlines()[0]
+  by_category = hlo_traffic.summary(kernels)['traffic_gb_by_category']
+  shares = {name: 100 * gb / sum(by_category.values()) for name, gb in by_category.items()}
+  summary = profile_bench.summarize_trace(profile_bench.read_trace(str(trace_dir)), steps=1,
+                                          categories=profile_bench.read_categories(str(trace_dir)))
+  for name in hlo_traffic.CATEGORIES:
+    assert summary[f'{name}_pct'] == pytest.approx(shares.get(name, 0), abs=0.1), name
+  assert summary['matmul_pct'] > 10 and summary['collective_pct'] > 0
+  assert f'matmul {summary["matmul_pct"]}%' in first_line
+  # By their names alone, libtpu's matmul fusions would read as elementwise.
+  by_name = profile_bench.summarize_trace(profile_bench.read_trace(str(trace_dir)), steps=1)
+  assert by_name['matmul_pct'] < summary['matmul_pct'] / 2
+  # An HLO file cut short (a kill while it was written) is not trusted: one error line.
+  hlo_file = trace_dir / profile_bench.STEP_HLO
+  hlo_file.write_bytes(hlo_file.read_bytes()[:1000])
+  assert profile_bench.main([], str(trace_dir), steps=1, top=3) == 2
+  assert capsys.readouterr().err.startswith(
+      f'error: {trace_dir}/{profile_bench.STEP_HLO} is not a readable HLO module (')
 
 
 def test_profile_reads_tpu_xla_ops_lines_per_device_and_skips_the_summary_lines():

@@ -17,6 +17,7 @@ import pytest
 from flax import traverse_util
 
 from mixer import checkpoint, config_lib, evaluators, train, weights
+from mixer.benchmarks import profile_bench
 from tests import multidevice
 
 REPO = multidevice.REPO
@@ -63,6 +64,9 @@ def test_smoke_run_writes_metrics_checkpoints_and_export(tmp_path):
   assert results['step'] == 12
   profiles = glob.glob(os.path.join(workdir, 'profile', 'plugins', 'profile', '*', '*.xplane.pb'))
   assert len(profiles) == 1  # The profiler window of config.profile_steps.
+  # ... with the step's HLO beside it, which names the trace's ops (profile_bench).
+  categories = profile_bench.read_categories(os.path.join(workdir, 'profile'))
+  assert 'matmul' in categories.values()
   records = read_metrics(workdir)
   train_records = [r for r in records if 'train/loss' in r]
   assert [r['step'] for r in train_records] == [4, 8, 12]
