@@ -475,7 +475,13 @@ _COLLECTIVES_HLO = """HloModule m, num_partitions=8
   ROOT %slice = f32[256]{0} dynamic-slice(%all-reduce.9, %offset), dynamic_slice_sizes={256}
 }
 
-ENTRY %main (p: f32[1024], q: f32[2,256], r: f32[4,256]) -> (f32[1024], f32[8,256], f32[16,256], f32[256], f32[8,256]) {
+%outer (input: f32[1024]) -> f32[256] {
+  %input = f32[1024]{0} parameter(0)
+  %inner = f32[256]{0} fusion(%input), kind=kCustom, calls=%all-reduce-scatter
+  ROOT %scaled = f32[256]{0} multiply(%inner, %inner)
+}
+
+ENTRY %main (p: f32[1024], q: f32[2,256], r: f32[4,256]) -> (f32[1024], f32[8,256], f32[16,256], f32[256], f32[8,256], f32[256]) {
   %p = f32[1024]{0} parameter(0)
   %q = f32[2,256]{1,0} parameter(1)
   %r = f32[4,256]{1,0} parameter(2)
@@ -485,7 +491,8 @@ ENTRY %main (p: f32[1024], q: f32[2,256], r: f32[4,256]) -> (f32[1024], f32[8,25
   %fusion.3 = f32[256]{0} fusion(%p), kind=kCustom, calls=%all-reduce-scatter
   %all-gather-start.4 = (f32[2,256]{1,0}, f32[8,256]{1,0}) all-gather-start(%q), channel_id=5, replica_groups=[2,4]<=[8], dimensions={0}
   %all-gather-done.4 = f32[8,256]{1,0} all-gather-done(%all-gather-start.4)
-  ROOT %t = (f32[1024]{0}, f32[8,256]{1,0}, f32[16,256]{1,0}, f32[256]{0}, f32[8,256]{1,0}) tuple(%all-reduce.1, %all-gather.1, %all-gather.2, %fusion.3, %all-gather-done.4)
+  %fusion.5 = f32[256]{0} fusion(%p), kind=kLoop, calls=%outer
+  ROOT %t = (f32[1024]{0}, f32[8,256]{1,0}, f32[16,256]{1,0}, f32[256]{0}, f32[8,256]{1,0}, f32[256]{0}) tuple(%all-reduce.1, %all-gather.1, %all-gather.2, %fusion.3, %all-gather-done.4, %fusion.5)
 }
 """  # noqa: E501  (HLO lines as XLA and libtpu print them)
 
@@ -494,19 +501,21 @@ def test_hlo_traffic_estimates_what_collectives_send_over_the_interconnect():
   """Ring volumes per device, groups of 4 in each of XLA's three ways of writing them: an
   all-reduce of 4096 B sends 2*3/4 of it, an all-gather to 8192 B 3/4, and libtpu's
   reduce-scatter (a fusion slicing an all-reduce of 4096 B) 3/4 of its input. An async
-  all-gather counts at its start (whose result also holds its operand), not at its done."""
+  all-gather counts at its start (whose result also holds its operand), not at its done.
+  A fusion that nests the reduce-scatter fusion one level deeper sends what it sends."""
   kernels = {k.name: k for k in hlo_traffic.kernels(_COLLECTIVES_HLO)}
   assert {name: k.category for name, k in kernels.items()} == dict.fromkeys(
-      ('all-reduce.1', 'all-gather.1', 'all-gather.2', 'fusion.3', 'all-gather-start.4'),
-      'collective')
+      ('all-reduce.1', 'all-gather.1', 'all-gather.2', 'fusion.3', 'all-gather-start.4',
+       'fusion.5'), 'collective')
   assert {name: k.ici_bytes for name, k in kernels.items()} == {
       'all-reduce.1': 2 * 3 * 4096 // 4,   # replica_groups={{0,1,2,3},{4,5,6,7}}
       'all-gather.1': 3 * 8192 // 4,       # replica_groups=[2,4]<=[8]
       'all-gather.2': 3 * 16384 // 4,      # libtpu: mesh['axis_0'=2,'axis_1'=4] {'axis_1'}
       'fusion.3': 3 * 4096 // 4,
-      'all-gather-start.4': 3 * 8192 // 4}
+      'all-gather-start.4': 3 * 8192 // 4,
+      'fusion.5': 3 * 4096 // 4}
   assert hlo_traffic.summary(list(kernels.values()))['interconnect_gb'] == round(
-      (6144 + 6144 + 12288 + 3072 + 6144) / 1e9, 6)
+      (6144 + 6144 + 12288 + 3072 + 6144 + 3072) / 1e9, 6)
 
 
 @pytest.mark.parametrize('name, opcode, fused, expected', [

@@ -224,19 +224,30 @@ def _group_size(rest: str, devices: int) -> int:
   return devices
 
 
+def _held_collectives(computation: str, computations) -> list[tuple[str, int, str]]:
+  """[(opcode, result bytes, rest of line)] of the collectives in a fused computation and in
+  the fusions nested in it, as `_fused_opcodes` finds their opcodes."""
+  found = []
+  for _, shape, opcode, rest in computations.get(computation, []):
+    if opcode in _COLLECTIVES:
+      found.append((opcode, array_bytes(shape), rest))
+    nested = re.search(r'calls=%([\w.\-]+)', rest) if opcode == 'fusion' else None
+    if nested:
+      found += _held_collectives(nested.group(1), computations)
+  return found
+
+
 def _ici_bytes(opcode: str, rest: str, operands: list[int], result: int, result_is_tuple: bool,
-               body, devices: int) -> int:
+               held: list[tuple[str, int, str]], devices: int) -> int:
   """Bytes one device sends over the interconnect for a collective, as a ring does it: an
   all-reduce of S bytes over n devices sends 2(n-1)/n S, an all-gather to S or a
-  reduce-scatter of S (n-1)/n S. A fusion holding a collective (libtpu's reduce-scatter
-  is an all-reduce whose result it slices) counts as the collective it holds. A torus
-  spreads the same bytes over more links; this is the volume, not the time."""
+  reduce-scatter of S (n-1)/n S. A fusion holding a collective (`held`: libtpu's
+  reduce-scatter is an all-reduce whose result it slices) counts as the collective it
+  holds. A torus spreads the same bytes over more links; this is the volume, not the time."""
   if opcode == 'fusion':
-    inner = [(op, array_bytes(shape), text) for _, shape, op, text in body
-             if op in _COLLECTIVES]
-    if not inner:
+    if not held:
       return 0
-    opcode, size, rest = inner[0]
+    opcode, size, rest = held[0]
     if opcode.startswith('all-reduce') and result < size:
       opcode = 'reduce-scatter'  # The slice of the reduced whole that this device keeps.
     operands, result, result_is_tuple = [size], size, False
@@ -335,7 +346,7 @@ def kernels(hlo: str) -> list[Kernel]:
                        if fused_computation else frozenset())
       kind = category(name, opcode, fused_opcodes)
       ici = (_ici_bytes(opcode, rest, operands, result, shape.startswith('('),
-                        computations.get(fused_computation, []), devices)
+                        _held_collectives(fused_computation, computations), devices)
              if kind == 'collective' else 0)
       found.append(Kernel(name, opcode, source.group(1) if source else '', moved * trips, trips,
                           kind, ici * trips))
