@@ -796,3 +796,31 @@ def test_profile_cli_sums_a_training_runs_trace(tmp_path):
       capture_output=True, text=True, cwd=multidevice.REPO, timeout=300, check=False)
   assert empty.returncode == 2
   assert empty.stderr.strip().splitlines()[-1].startswith(f'error: {tmp_path} holds no plugins')
+
+
+# --- plot: docs/benchmarks.png -------------------------------------------------------------
+
+def test_plot_draws_the_three_panels_and_keeps_close_models_labels_apart(tmp_path):
+  """The forward sweep of docs/benchmarks.md (CPU-ms per image at 224 px, batch 2)."""
+  from mixer.benchmarks import plot  # pylint: disable=g-import-not-at-top
+  models_measured = [('Mixer-S_32', 2.0, 27.1), ('Mixer-B_32', 6.47, 81.3),
+                     ('Mixer-S_16', 7.55, 82.7), ('Mixer-L_32', 22.5, 283.0),
+                     ('Mixer-B_16', 25.2, 265.0)]
+  # L/32 costs more than B/16 for fewer GFLOPs: its label goes above, B/16's below; B/32
+  # and S/16, 0.07 decades apart, likewise.
+  xs, ys = [m[1] for m in models_measured], [m[2] for m in models_measured]
+  assert plot._label_above(xs, ys) == [False, True, False, True, False]
+  assert plot._label_above([1.0, 2.0], [1.0, 3.0]) == [False, True]
+  records = [dict(benchmark='forward', model=name, image_size=224, batch_size=2,
+                  dtype='float32', model_gflops_per_image=gflops, cpu_ms_per_image=ms,
+                  device_kind='cpu', devices=1) for name, gflops, ms in models_measured]
+  records += [dict(records[0], batch_size=b, cpu_ms_per_image=ms)
+               for b, ms in ((1, 29.4), (8, 24.1))]
+  records += [dict(records[2], image_size=s, cpu_ms_per_image=ms)
+               for s, ms in ((112, 25.2), (448, 335.0))]
+  out = plot.plot(records, str(tmp_path / 'benchmarks.png'))
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  height, width, _ = matplotlib.image.imread(out).shape
+  assert (width, height) == (1650, 495)
+  with pytest.raises(ValueError, match='No forward/train records'):
+    plot.plot([], str(tmp_path / 'empty.png'))

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 
 from absl import app, flags
 
 from mixer import models
-
-_RESULTS = flags.DEFINE_string('results', 'bench_results.jsonl', 'JSON lines of benchmarks.run.')
-_OUT = flags.DEFINE_string('out', 'docs/benchmarks.png', 'Output PNG.')
 
 
 def _ms_per_image(record) -> float:
@@ -47,6 +45,23 @@ def _forward_gflops(name: str, image_size: int, widen_tokens_mlp: bool = False) 
     ratio = (image_size // model.patch_size) ** 2 / (224 // model.patch_size) ** 2
     model = model.clone(tokens_mlp_dim=int(round(model.tokens_mlp_dim * ratio)))
   return model_bench.forward_flops(model, image_size) / 1e9
+
+
+def _label_above(xs: list[float], ys: list[float]) -> list[bool]:
+  """Whether each point of a log-log line is labelled above it (else below): above where the
+  line bends down there (the point lies above the chord of its neighbours), so that models
+  close in GFLOPs, one faster than the other (L/32 and B/16), keep their labels apart; an end
+  point on the side its neighbour's label is not."""
+  logs = [(math.log(x), math.log(y)) for x, y in zip(xs, ys)]
+  above = [None] * len(logs)
+  for i in range(1, len(logs) - 1):
+    (x0, y0), (x, y), (x1, y1) = logs[i - 1:i + 2]
+    chord = y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else (y0 + y1) / 2
+    above[i] = y >= chord
+  if len(logs) > 1:
+    above[0] = not above[1] if above[1] is not None else ys[0] >= ys[1]
+    above[-1] = not above[-2] if above[-2] is not None else ys[-1] > ys[-2]
+  return [bool(a) for a in above]
 
 
 def plot(records: list[dict], out: str) -> str:
@@ -102,14 +117,18 @@ def plot(records: list[dict], out: str) -> str:
     xs = [chosen[n]['model_gflops_per_image'] for n in names]
     ax.plot(xs, [_ms_per_image(chosen[n]) for n in names], 'o-',
             label=f'{mode} @{size} batch {batch} {dtype}')
-    for i, (x, n) in enumerate(zip(xs, names)):  # Labels alternate below/above: neighbours
-      ax.annotate(n.replace('Mixer-', ''), (x, _ms_per_image(chosen[n])), fontsize=8,
-                  textcoords='offset points', xytext=(-12, -13 if i % 2 else 7))
+    ys = [_ms_per_image(chosen[n]) for n in names]
+    for n, x, y, above in zip(names, xs, ys, _label_above(xs, ys)):
+      ax.annotate(n.replace('Mixer-', ''), (x, y), fontsize=8, textcoords='offset points',
+                  xytext=(0, 6 if above else -13), ha='center')
   ax.set(xscale='log', yscale='log', xlabel='model GFLOP per image (forward 1x, train 3x)',
          ylabel=ylabel, title='Model size')
+  ax.margins(x=0.08, y=0.12)  # Room for the labels of the end points inside the frame.
   for axis in (ax.xaxis, ax.yaxis):
     axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
-    axis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
+    # Minor ticks labelled at 2, 3 and 5 times a power of ten only: all nine crowd together.
+    axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda value, _: f'{value:g}' if f'{value:.0e}'[0] in '235' else ''))
   ax.legend(fontsize=8)
 
   fig.suptitle(f'Cost per image on {device} ({records[0]["devices"]} device)')
@@ -119,12 +138,16 @@ def plot(records: list[dict], out: str) -> str:
   return out
 
 
-def main(argv):
+def main(argv, results: str, out: str) -> None:
   del argv
-  with open(_RESULTS.value, encoding='utf-8') as f:
+  with open(results, encoding='utf-8') as f:
     records = [json.loads(line) for line in f if line.strip()]
-  print(plot(records, _OUT.value))
+  print(plot(records, out))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  # Defined here, not at import: `mixer.benchmarks.run` has an --out of its own.
+  _RESULTS = flags.DEFINE_string('results', 'bench_results.jsonl',
+                                 'JSON lines of benchmarks.run.')
+  _OUT = flags.DEFINE_string('out', 'docs/benchmarks.png', 'Output PNG.')
+  app.run(lambda argv: main(argv, _RESULTS.value, _OUT.value))
