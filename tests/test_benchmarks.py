@@ -544,6 +544,28 @@ def test_hlo_traffic_categories_of_gpu_and_tpu_kernels(name, opcode, fused, expe
   assert hlo_traffic.category(name, opcode, frozenset(fused)) == expected
 
 
+def test_hlo_traffic_counts_cublas_and_cudnn_custom_calls_as_matmuls():
+  """Where XLA:GPU's autotuner picks cuBLAS over Triton, a gemm is a custom call (as
+  `--xla_gpu_enable_triton_gemm=false` makes every one): a matmul, not 'other'."""
+  hlo = textwrap.dedent('''\
+      HloModule step
+
+      ENTRY %main (x: bf16[64,32], w: bf16[32,16]) -> bf16[64,16] {
+        %x = bf16[64,32]{1,0} parameter(0)
+        %w = bf16[32,16]{1,0} parameter(1)
+        %custom-call.5 = (bf16[64,16]{1,0}, s8[1024]{0}) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul"
+        %gte = bf16[64,16]{1,0} get-tuple-element(%custom-call.5), index=0
+        %custom-call.6 = bf16[64,16]{1,0} custom-call(), custom_call_target="AllocateBuffer"
+        ROOT %add.1 = bf16[64,16]{1,0} add(%gte, %custom-call.6)
+      }
+      ''')  # noqa: E501  (HLO lines as XLA:GPU prints them)
+  kinds = {k.name: k.category for k in hlo_traffic.kernels(hlo)}
+  assert kinds == {'custom-call.5': 'matmul', 'custom-call.6': 'other', 'add.1': 'elementwise'}
+  assert hlo_traffic.category('custom-call.9', 'custom-call', target='__cublas$gemm') == 'matmul'
+  assert hlo_traffic.category('custom-call.3', 'custom-call',
+                              target='__cudnn$convForward') == 'matmul'
+
+
 @pytest.mark.parametrize('op_name, readable', [
     ('jit(train_step)/jvp(MlpMixer)/MlpMixer._blocks/MixerBlock_7/LayerNorm_0/reduce_sum',
      'forward MixerBlock_*/LayerNorm_0/reduce_sum'),

@@ -73,8 +73,10 @@ _ELEMENTWISE = frozenset({
     'round-nearest-even', 'rsqrt', 'select', 'sign', 'sine', 'sqrt', 'subtract', 'tanh', 'xor'})
 
 
-def category(name: str, opcode: str, fused: frozenset[str] = frozenset()) -> str:
-  """What a kernel is, from its name, its opcode and the opcodes `fused` inside it (nested too).
+def category(name: str, opcode: str, fused: frozenset[str] = frozenset(),
+             target: str = '') -> str:
+  """What a kernel is, from its name, its opcode, the opcodes `fused` inside it (nested too)
+  and a custom call's `target`.
 
   XLA:GPU names a fusion after its hero (`gemm_fusion_dot`, `input_reduce_fusion`,
   `loop_transpose_fusion`); libtpu names most `fusion.N` and fuses each matmul (a
@@ -83,8 +85,12 @@ def category(name: str, opcode: str, fused: frozenset[str] = frozenset()) -> str
   multi-output fusions) is what it holds.
   A collective (`all-reduce` names hold 'reduce'; libtpu's reduce-scatter is a
   `fusion.N` around an all-reduce) is ICI traffic as well as HBM traffic.
+  XLA:GPU runs the gemms its autotuner gives to cuBLAS as custom calls
+  (`custom-call.5`, target `__cublas$lt$matmul` or `__cublas$gemm`), and cuDNN's
+  convolutions likewise (`__cudnn$convForward`): matmuls too.
   """
-  if 'gemm' in name or 'dot' in name or opcode in _MATMULS or fused & _MATMULS:
+  if ('gemm' in name or 'dot' in name or opcode in _MATMULS or fused & _MATMULS
+      or re.match(r'__(cublas|cudnn\$conv)', target)):
     return 'matmul'
   if opcode in _COLLECTIVES or fused & _COLLECTIVES:
     return 'collective'
@@ -344,7 +350,8 @@ def kernels(hlo: str) -> list[Kernel]:
       source = re.search(r'op_name="([^"]*)"', rest)
       fused_opcodes = (_fused_opcodes(fused_computation, computations, opcodes_memo)
                        if fused_computation else frozenset())
-      kind = category(name, opcode, fused_opcodes)
+      target = re.search(r'custom_call_target="([^"]*)"', rest) if opcode == 'custom-call' else None
+      kind = category(name, opcode, fused_opcodes, target.group(1) if target else '')
       ici = (_ici_bytes(opcode, rest, operands, result, shape.startswith('('),
                         _held_collectives(fused_computation, computations), devices)
              if kind == 'collective' else 0)
