@@ -546,7 +546,8 @@ def test_hlo_traffic_categories_of_gpu_and_tpu_kernels(name, opcode, fused, expe
 
 def test_hlo_traffic_counts_cublas_and_cudnn_custom_calls_as_matmuls():
   """Where XLA:GPU's autotuner picks cuBLAS over Triton, a gemm is a custom call (as
-  `--xla_gpu_enable_triton_gemm=false` makes every one): a matmul, not 'other'."""
+  `--xla_gpu_enable_triton_gemm=false` makes every one): a matmul, not 'other', whose
+  bytes are its operands and its output."""
   hlo = textwrap.dedent('''\
       HloModule step
 
@@ -559,8 +560,11 @@ def test_hlo_traffic_counts_cublas_and_cudnn_custom_calls_as_matmuls():
         ROOT %add.1 = bf16[64,16]{1,0} add(%gte, %custom-call.6)
       }
       ''')  # noqa: E501  (HLO lines as XLA:GPU prints them)
-  kinds = {k.name: k.category for k in hlo_traffic.kernels(hlo)}
-  assert kinds == {'custom-call.5': 'matmul', 'custom-call.6': 'other', 'add.1': 'elementwise'}
+  kernels = {k.name: k for k in hlo_traffic.kernels(hlo)}
+  assert {name: k.category for name, k in kernels.items()} == {
+      'custom-call.5': 'matmul', 'custom-call.6': 'other', 'add.1': 'elementwise'}
+  # It reads x and w and writes its output; its s8 workspace is scratch, not output.
+  assert kernels['custom-call.5'].bytes == (64 * 32 + 32 * 16 + 64 * 16) * 2
   assert hlo_traffic.category('custom-call.9', 'custom-call', target='__cublas$gemm') == 'matmul'
   assert hlo_traffic.category('custom-call.3', 'custom-call',
                               target='__cudnn$convForward') == 'matmul'

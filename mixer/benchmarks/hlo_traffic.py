@@ -335,6 +335,11 @@ def kernels(hlo: str) -> list[Kernel]:
         continue
       operands = [array_bytes(shapes[o]) for o in _operand_names(rest) if o in shapes]
       result = array_bytes(shape)
+      target = re.search(r'custom_call_target="([^"]*)"', rest) if opcode == 'custom-call' else None
+      target = target.group(1) if target else ''
+      if target.startswith('__cublas') and shape.startswith('('):
+        # (output, s8[...] workspace): the workspace is cuBLAS's scratch, not data it writes.
+        result = array_bytes(_ARRAY.search(shape).group(0))
       fused = re.search(r'calls=%([\w.\-]+)', rest)
       fused_computation = fused.group(1) if fused else None
       read, in_place, aliased = (_fusion_access(fused_computation, computations, memo)
@@ -350,8 +355,7 @@ def kernels(hlo: str) -> list[Kernel]:
       source = re.search(r'op_name="([^"]*)"', rest)
       fused_opcodes = (_fused_opcodes(fused_computation, computations, opcodes_memo)
                        if fused_computation else frozenset())
-      target = re.search(r'custom_call_target="([^"]*)"', rest) if opcode == 'custom-call' else None
-      kind = category(name, opcode, fused_opcodes, target.group(1) if target else '')
+      kind = category(name, opcode, fused_opcodes, target)
       ici = (_ici_bytes(opcode, rest, operands, result, shape.startswith('('),
                         _held_collectives(fused_computation, computations), devices)
              if kind == 'collective' else 0)
