@@ -783,6 +783,20 @@ def test_profile_reads_tpu_xla_ops_lines_per_device_and_skips_the_summary_lines(
                                    'ms_per_step': 0.03, 'calls_per_step': 1.0}
 
 
+def test_profile_start_trace_goes_on_when_the_hlo_cannot_be_written(tmp_path, caplog):
+  """The HLO beside the trace only helps sort its ops: a training run's profile window must
+  not stop the run where it cannot be written."""
+  class Compiled:
+    def as_text(self):
+      return 'HloModule step'
+  (tmp_path / profile_bench.STEP_HLO).mkdir()  # Writing a file there fails.
+  with caplog.at_level('WARNING'):
+    profile_bench.start_trace(str(tmp_path), Compiled())
+    jax.profiler.stop_trace()
+  assert f'Could not write {tmp_path / profile_bench.STEP_HLO} beside the profile' in caplog.text
+  assert list((tmp_path / 'plugins' / 'profile').iterdir())  # The trace itself was written.
+
+
 def test_profile_traces_the_train_step(tmp_path):
   """On the CPU backend the trace is written and timed; there are no per-op device events."""
   config = model_bench.bench_config('Mixer-S_32', batch_size=2, image_size=64)
