@@ -743,12 +743,13 @@ def test_profile_sorts_a_tpu_steps_ops_by_the_hlo_written_beside_the_trace(tmp_p
   first_line = capsys.readouterr().out.splitlines()[0]
   by_category = hlo_traffic.summary(kernels)['traffic_gb_by_category']
   shares = {name: 100 * gb / sum(by_category.values()) for name, gb in by_category.items()}
-  summary = profile_bench.summarize_trace(profile_bench.read_trace(str(trace_dir)), steps=1,
-                                          categories=profile_bench.read_categories(str(trace_dir)))
+  summary = profile_bench.summarize_trace(profile_bench.read_trace(str(trace_dir)), 1, 15,
+                                          *profile_bench.read_step_ops(str(trace_dir)))
   for name in hlo_traffic.CATEGORIES:
     assert summary[f'{name}_pct'] == pytest.approx(shares.get(name, 0), abs=0.1), name
   assert summary['matmul_pct'] > 10 and summary['collective_pct'] > 0
   assert f'matmul {summary["matmul_pct"]}%' in first_line
+  assert summary['top_ops'][0]['source']  # The jax op, from the HLO's metadata.
   # By their names alone, libtpu's matmul fusions would read as elementwise.
   by_name = profile_bench.summarize_trace(profile_bench.read_trace(str(trace_dir)), steps=1)
   assert by_name['matmul_pct'] < summary['matmul_pct'] / 2
@@ -780,7 +781,7 @@ def test_profile_reads_tpu_xla_ops_lines_per_device_and_skips_the_summary_lines(
   assert summary['device_ms_per_step'] == 0.05  # 100 us per core over 2 steps.
   assert summary['copy/layout_pct'] == 40.0 and summary['elementwise_pct'] == 60.0
   assert summary['top_ops'][0] == {'op': 'fusion.1', 'category': 'elementwise',
-                                   'ms_per_step': 0.03, 'calls_per_step': 1.0}
+                                   'ms_per_step': 0.03, 'calls_per_step': 1.0, 'source': ''}
 
 
 def test_profile_start_trace_goes_on_when_the_hlo_cannot_be_written(tmp_path, caplog):
@@ -798,15 +799,36 @@ def test_profile_start_trace_goes_on_when_the_hlo_cannot_be_written(tmp_path, ca
 
 
 def test_profile_traces_the_train_step(tmp_path):
-  """On the CPU backend the trace is written and timed; there are no per-op device events."""
+  """The real step traced here. On the CPU backend its ops are found on XLA's host threads
+  by their HLO names: each op of the step once per step, matmuls among them."""
   config = model_bench.bench_config('Mixer-S_32', batch_size=2, image_size=64)
   record = profile_bench.run(config, str(tmp_path / 'trace'), steps=2)
   assert record['benchmark'] == 'profile' and record['step_seconds'] > 0
-  assert profile_bench.read_trace(str(tmp_path / 'trace')) is not None
-  if jax.default_backend() == 'cpu':
-    assert record['device_ms_per_step'] is None  # No per-op device events on the CPU.
-  else:
-    assert 0 < record['device_ms_per_step'] <= 1000 * record['step_seconds']
+  trace = profile_bench.read_trace(str(tmp_path / 'trace'))
+  assert trace is not None
+  wall_ms = 1000 * record['step_seconds']
+  assert record['matmul_pct'] > 5 and record['top_ops']
+  # Each of the largest ops says which jax op it came from, read from the step's HLO.
+  assert {op['source'].split()[0] for op in record['top_ops']} <= {
+      'forward', 'backward', 'recompute', 'update'}
+  categories, sources = profile_bench.read_step_ops(str(tmp_path / 'trace'))
+  matmul_sources = [sources[name] for name, kind in categories.items() if kind == 'matmul']
+  # Model matmuls (the stem is one too), some fused with a transpose next to them.
+  assert all(matmul_sources) and sum('dot_general' in s for s in matmul_sources) > len(
+      matmul_sources) / 2
+  if jax.default_backend() != 'cpu':
+    assert record['ops_on'] == 'device' and 0 < record['device_ms_per_step'] <= wall_ms
+    return
+  assert record['ops_on'] == 'cpu threads'
+  # CPU time of ops on up to all cores: more than none, at most every core for the step.
+  assert 0 < record['device_ms_per_step'] <= os.cpu_count() * wall_ms
+  op_times = profile_bench.host_op_times(trace, categories)
+  entry_ops = {k.name for k in hlo_traffic.kernels(
+      gzip.decompress((tmp_path / 'trace' / profile_bench.STEP_HLO).read_bytes()).decode())}
+  assert set(op_times) == entry_ops  # S/32 unscanned: no loops, every op ran...
+  assert {count for _, count in op_times.values()} == {2}  # ... once in each of the 2 steps.
+  # Without the HLO there is no telling ops from the executor's own events: no summary.
+  assert profile_bench.summarize_trace(trace, steps=2)['device_ms_per_step'] is None
 
 
 def test_profile_cli_sums_a_training_runs_trace(tmp_path):

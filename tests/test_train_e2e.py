@@ -58,15 +58,21 @@ def run_main(workdir, *flags, num_devices=1, timeout=600):
   return result
 
 
-def test_smoke_run_writes_metrics_checkpoints_and_export(tmp_path):
+def test_smoke_run_writes_metrics_checkpoints_and_export(tmp_path, capsys):
   workdir = str(tmp_path)
   results = train.train_and_evaluate(tiny_config(profile_steps=(4, 6)), workdir)
   assert results['step'] == 12
   profiles = glob.glob(os.path.join(workdir, 'profile', 'plugins', 'profile', '*', '*.xplane.pb'))
   assert len(profiles) == 1  # The profiler window of config.profile_steps.
-  # ... with the step's HLO beside it, which names the trace's ops (profile_bench).
-  categories = profile_bench.read_categories(os.path.join(workdir, 'profile'))
+  # ... with the step's HLO beside it, which names the trace's ops: the command the trainer
+  # logs sums them on the CPU too.
+  categories, _ = profile_bench.read_step_ops(os.path.join(workdir, 'profile'))
   assert 'matmul' in categories.values()
+  capsys.readouterr()  # What the run printed.
+  assert profile_bench.main([], os.path.join(workdir, 'profile'), steps=2, top=3) == 0
+  summary = capsys.readouterr().out.splitlines()
+  assert summary[0].startswith("CPU time of the ops on XLA's threads: ") and 'matmul' in summary[0]
+  assert len(summary) == 2 + 3
   records = read_metrics(workdir)
   train_records = [r for r in records if 'train/loss' in r]
   assert [r['step'] for r in train_records] == [4, 8, 12]

@@ -13,12 +13,15 @@ elementwise, copy/layout, slicing, collective, memcpy, other) and per op, the
 largest first. That table says what to fix: the matmuls are the useful work,
 everything else is overhead around them.
 
-Device ops are the kernels on the GPU streams, or the "XLA Ops" line of a TPU;
-the CPU backend records no per-op device events, so there only the step time
-and the trace come back. Times are per step and per device.
+Device ops are the kernels on the GPU streams, or the "XLA Ops" line of a TPU.
+The CPU backend has no device lines: XLA:CPU runs each op of the step on one of
+its host threads and records it there under its HLO name, so there the step's
+HLO picks the ops out (`host_op_times`), and the times are CPU time of those
+threads (ops on two threads at once both count). Times are per step and per
+device.
 
 Each op's category comes from the step's optimized HLO where the trace names
-an op of it (`op_categories`, the same `hlo_traffic.category` that sorts the
+an op of it (`step_ops`, the same `hlo_traffic.category` that sorts the
 HLO's bytes): on a TPU every op, whose names are HLO names (`fusion.12`: libtpu
 fuses each matmul with its neighbours, so a name says nothing); on a GPU the
 kernels XLA generates (`fusion.12` runs as `fusion_12`). `start_trace` writes
@@ -84,18 +87,55 @@ def category(op_name: str, categories: dict[str, str] | None = None) -> str:
   return 'other'
 
 
-def op_categories(hlo: str) -> dict[str, str]:
-  """{op name as a trace writes it: category} for the kernels of an optimized HLO module.
+def step_ops(hlo: str) -> tuple[dict[str, str], dict[str, str]]:
+  """({op name as a trace writes it: category}, {...: the jax op it came from}) for the
+  kernels of an optimized HLO module.
 
-  A TPU's "XLA Ops" line names each op as the HLO does (`fusion.12`); XLA:GPU
-  names a kernel after its HLO instruction with '.' and '-' made '_'
-  (`loop_add_fusion.2` runs as `loop_add_fusion_2`). Both spellings are keys.
+  A TPU's "XLA Ops" line and XLA:CPU's threads name each op as the HLO does
+  (`fusion.12`); XLA:GPU names a kernel after its HLO instruction with '.' and
+  '-' made '_' (`loop_add_fusion.2` runs as `loop_add_fusion_2`). Both
+  spellings are keys. The jax op is `hlo_traffic.readable_source`'s
+  ('backward MixerBlock_*/channel_mixing/Dense_0/dot_general'), '' where the
+  HLO names none.
   """
-  categories = {}
-  for kernel in hlo_traffic.kernels(hlo):
-    categories[kernel.name] = kernel.category
-    categories.setdefault(re.sub(r'[.\-]', '_', kernel.name), kernel.category)
-  return categories
+  kernels = hlo_traffic.kernels(hlo)
+  categories, sources = {}, {}
+  for spelling in (lambda name: name, lambda name: re.sub(r'[.\-]', '_', name)):
+    for kernel in kernels:  # The HLO's own names first: a '_' spelling never hides one.
+      key = spelling(kernel.name)
+      categories.setdefault(key, kernel.category)
+      sources.setdefault(key, hlo_traffic.readable_source(kernel.source))
+  return categories, sources
+
+
+def op_categories(hlo: str) -> dict[str, str]:
+  """{op name as a trace writes it: category} (`step_ops`)."""
+  return step_ops(hlo)[0]
+
+
+def _events_and_names(trace: dict | list) -> tuple[list, dict, dict]:
+  """A Chrome trace's events, {pid: process name} and {(pid, tid): thread name}."""
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  processes, threads = {}, {}
+  for event in events:
+    if event.get('ph') != 'M':
+      continue
+    if event.get('name') == 'process_name':
+      processes[event.get('pid')] = event['args'].get('name', '')
+    elif event.get('name') == 'thread_name':
+      threads[(event.get('pid'), event.get('tid'))] = event['args'].get('name', '')
+  return events, processes, threads
+
+
+def _sum_events(events, keep) -> dict[str, tuple[float, int]]:
+  """{name: (total microseconds, count)} over the complete events `keep(event)` accepts."""
+  totals = collections.defaultdict(lambda: [0.0, 0])
+  for event in events:
+    if event.get('ph') == 'X' and keep(event):
+      total = totals[event.get('name', '?')]
+      total[0] += float(event.get('dur', 0.0))
+      total[1] += 1
+  return {name: (total[0], total[1]) for name, total in totals.items()}
 
 
 def device_op_times(trace: dict | list) -> tuple[dict[str, tuple[float, int]], int]:
@@ -107,36 +147,44 @@ def device_op_times(trace: dict | list) -> tuple[dict[str, tuple[float, int]], i
   same time and are not counted again. Totals are over all devices; `devices`
   is how many had ops (`summarize` divides by it).
   """
-  events = trace['traceEvents'] if isinstance(trace, dict) else trace
-  processes, threads = {}, {}
-  for event in events:
-    if event.get('ph') != 'M':
-      continue
-    if event.get('name') == 'process_name':
-      processes[event.get('pid')] = event['args'].get('name', '')
-    elif event.get('name') == 'thread_name':
-      threads[(event.get('pid'), event.get('tid'))] = event['args'].get('name', '')
+  events, processes, threads = _events_and_names(trace)
   devices = {pid for pid, name in processes.items()
              if name.startswith('/device:') and 'CUSTOM' not in name}
   lines = {key: name for key, name in threads.items() if key[0] in devices}
   streams = {key for key, name in lines.items() if name.startswith('Stream')}
   chosen = streams or {key for key, name in lines.items() if name == 'XLA Ops'}
-  totals = collections.defaultdict(lambda: [0.0, 0])
   busy_devices = set()
-  for event in events:
-    if event.get('ph') == 'X' and (event.get('pid'), event.get('tid')) in chosen:
-      total = totals[event.get('name', '?')]
-      total[0] += float(event.get('dur', 0.0))
-      total[1] += 1
-      busy_devices.add(event.get('pid'))
-  return {name: (total[0], total[1]) for name, total in totals.items()}, len(busy_devices)
+
+  def on_device(event):
+    if (event.get('pid'), event.get('tid')) not in chosen:
+      return False
+    busy_devices.add(event.get('pid'))
+    return True
+
+  return _sum_events(events, on_device), len(busy_devices)
+
+
+def host_op_times(trace: dict | list, op_names) -> dict[str, tuple[float, int]]:
+  """{op name: (total microseconds, count)} of the step's ops that ran on the host (XLA:CPU).
+
+  XLA:CPU runs each op (a thunk named as its HLO instruction: `dot.114`,
+  `ynn_fusion.22`) on one of its threads (`tf_XLAPjRtCpuClient/...`,
+  `tf_XLAEigen/...`) and records it there, beside events that are not ops (the
+  executor's span, `end: dot.114` markers). `op_names` (the step's HLO, as
+  `op_categories` keys it) tells them apart.
+  """
+  events, processes, _ = _events_and_names(trace)
+  hosts = {pid for pid, name in processes.items() if name.startswith('/host:')}
+  return _sum_events(events, lambda e: e.get('pid') in hosts and e.get('name') in op_names)
 
 
 def summarize(op_times: dict[str, tuple[float, int]], steps: int, devices: int = 1,
-              top: int = 15, categories: dict[str, str] | None = None) -> dict[str, Any]:
+              top: int = 15, categories: dict[str, str] | None = None,
+              sources: dict[str, str] | None = None) -> dict[str, Any]:
   """Milliseconds per step and device: total, per category (with shares) and the `top` ops.
 
-  `categories` (`op_categories` of the traced step's HLO) sorts the ops it names."""
+  `categories` and `sources` (`step_ops` of the traced step's HLO) sort the ops they name
+  and say which jax op each came from."""
   if steps < 1 or devices < 1:
     raise ValueError(f'steps={steps}, devices={devices}: a trace holds at least one of each.')
   if not op_times:
@@ -152,20 +200,29 @@ def summarize(op_times: dict[str, tuple[float, int]], steps: int, devices: int =
       **{f'{name}_pct': round(100 * micros / total, 1) for name, micros in per_category.items()},
       'top_ops': [{'op': name, 'category': category(name, categories),
                    'ms_per_step': round(micros / per_step, 3),
-                   'calls_per_step': round(count / steps / devices, 1)}
+                   'calls_per_step': round(count / steps / devices, 1),
+                   'source': (sources or {}).get(name, '')}
                   for name, (micros, count) in ranked]}
 
 
 def summarize_trace(trace: dict | list, steps: int, top: int = 15,
-                    categories: dict[str, str] | None = None) -> dict[str, Any]:
-  """`summarize` of a trace's device ops, per device."""
+                    categories: dict[str, str] | None = None,
+                    sources: dict[str, str] | None = None) -> dict[str, Any]:
+  """`summarize` of a trace's device ops, per device; on the CPU backend, of the step's ops
+  on the host's XLA threads (`host_op_times`: it takes the step's HLO, `categories`)."""
   op_times, devices = device_op_times(trace)
-  return summarize(op_times, steps, max(devices, 1), top, categories)
+  ops_on = 'device'
+  if not op_times and categories:
+    op_times, ops_on = host_op_times(trace, categories), 'cpu threads'
+    # Each op of the entry computation runs once per step and device (loop bodies more).
+    devices = round(min(count for _, count in op_times.values()) / steps) if op_times else 1
+  return {**summarize(op_times, steps, max(devices, 1), top, categories, sources),
+          'ops_on': ops_on}
 
 
 def start_trace(trace_dir: str, compiled) -> None:
   """`jax.profiler.start_trace(trace_dir)`, with the step's optimized HLO (`compiled`, a
-  `jax.stages.Compiled`) written beside it first (`STEP_HLO`), so that `read_categories`
+  `jax.stages.Compiled`) written beside it first (`STEP_HLO`), so that `read_step_ops`
   can sort the trace's ops by what they are. The trainer's `config.profile_steps` and `run`
   both start here."""
   from etils import epath  # pylint: disable=g-import-not-at-top  (gs:// as well as local)
@@ -181,14 +238,14 @@ def start_trace(trace_dir: str, compiled) -> None:
   jax.profiler.start_trace(trace_dir)
 
 
-def read_categories(trace_dir: str) -> dict[str, str] | None:
-  """`op_categories` of the HLO `start_trace` wrote into `trace_dir`; None where there is none
-  (a trace taken otherwise: its ops are then sorted by name alone)."""
+def read_step_ops(trace_dir: str) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+  """`step_ops` of the HLO `start_trace` wrote into `trace_dir`; (None, None) where there is
+  none (a trace taken otherwise: its ops are then sorted by name alone)."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   path = epath.Path(trace_dir) / STEP_HLO
   if not path.exists():
-    return None
-  return op_categories(gzip.decompress(path.read_bytes()).decode())
+    return None, None
+  return step_ops(gzip.decompress(path.read_bytes()).decode())
 
 
 def read_trace(trace_dir: str) -> dict | list | None:
@@ -228,16 +285,20 @@ def run(config: ml_collections.ConfigDict, trace_dir: str, steps: int = 5) -> di
       'benchmark': 'profile', **model_bench.config_fields(config),
       'device_kind': jax.devices()[0].device_kind, 'steps': steps,
       'step_seconds': round(seconds, 4), 'trace_dir': trace_dir,
-      **(summarize_trace(trace, steps, categories=read_categories(trace_dir))
+      **(summarize_trace(trace, steps, 15, *read_step_ops(trace_dir))
          if trace is not None else {'device_ms_per_step': None})}
 
 
 def format_top_ops(top_ops: list[dict[str, Any]]) -> str:
   """`summarize`'s largest ops, one per line."""
-  lines = [f'{"ms/step":>8}  {"calls":>5}  {"category":<14}  op']
+  width = min(max([len(op['op']) for op in top_ops] + [2]), 60)
+  # The jax op each came from, where the step's HLO named them (`step_ops`).
+  named = any(op.get('source') for op in top_ops)
+  lines = [(f'{"ms/step":>8}  {"calls":>5}  {"category":<14}  {"op":<{width}}'
+            + ('  jax op' if named else '')).rstrip()]
   for op in top_ops:
     lines.append(f'{op["ms_per_step"]:8.3f}  {op["calls_per_step"]:5g}  {op["category"]:<14}  '
-                 f'{op["op"][:100]}')
+                 f'{op["op"][:width]:<{width}}  {op.get("source", "") if named else ""}'.rstrip())
   return '\n'.join(lines)
 
 
@@ -246,7 +307,9 @@ def format_summary(summary: dict[str, Any]) -> str:
   ranked = sorted(CATEGORY_NAMES, key=lambda name: -summary[f'{name}_pct'])
   shares = ', '.join(f'{name} {summary[f"{name}_pct"]}%' for name in ranked
                      if summary[f'{name}_pct'])
-  return (f'device time: {summary["device_ms_per_step"]} ms per step ({shares})\n'
+  what = ('CPU time of the ops on XLA\'s threads' if summary.get('ops_on') == 'cpu threads'
+          else 'device time')
+  return (f'{what}: {summary["device_ms_per_step"]} ms per step ({shares})\n'
           + format_top_ops(summary['top_ops']))
 
 
@@ -255,21 +318,23 @@ def main(argv, trace_dir: str, steps: int, top: int) -> int:
   del argv
   trace = read_trace(trace_dir) if trace_dir else None
   try:
-    categories = read_categories(trace_dir) if trace is not None else None
+    categories, sources = read_step_ops(trace_dir) if trace is not None else (None, None)
   except (OSError, EOFError, UnicodeDecodeError, ValueError) as error:  # Cut short, not HLO.
     reason = str(error).split(':')[0].rstrip('.')
     print(f'error: {trace_dir}/{STEP_HLO} is not a readable HLO module ({reason}): profile '
           'again, or delete it to sort the ops by their names alone.', file=sys.stderr)
     return 2
-  summary = summarize_trace(trace, steps, top, categories) if trace is not None else None
+  summary = (summarize_trace(trace, steps, top, categories, sources)
+             if trace is not None else None)
   if not trace_dir:
     problem = '--trace_dir is required, e.g. --trace_dir=WORKDIR/profile.'
   elif trace is None:
     problem = (f'{trace_dir} holds no plugins/profile/*/*.trace.json.gz: pass the folder given '
                'to jax.profiler (config.profile_steps writes <workdir>/profile).')
   elif summary['device_ms_per_step'] is None:
-    problem = (f'{trace_dir}: the trace has no device ops (a CPU run records none); profile on '
-               'a GPU or TPU.')
+    problem = (f'{trace_dir}: the trace has no device ops, and no {STEP_HLO} to find a CPU '
+               "run's ops by: take the trace with config.profile_steps or the profile "
+               'benchmark, which write it.')
   else:
     print(format_summary(summary))
     return 0

@@ -14,9 +14,9 @@
            over the interconnect
   cache    first vs second start with the persistent compile cache (compile_bench)
   e2e      the trainer on 'synthetic' data vs the bare train step   (e2e_bench)
-  profile  where the train step's device time goes: a jax.profiler trace,
-           summed per op category and per op (profile_bench; not in
-           the default list: the CPU backend records no device ops)
+  profile  where the train step's time goes: a jax.profiler trace, summed
+           per op category and per op (profile_bench; device time on a
+           GPU/TPU, on the CPU the time XLA's threads spend in each op)
   deploy   exported formats: file size, batch-1 latency, batch-32
            throughput, top-1 agreement with JAX (deploy_bench; not in
            the default list: about 27 min for B/16 on 2 cores)
@@ -43,7 +43,7 @@ from absl import app, flags
 
 _ALL = ('input', 'forward', 'train', 'compile', 'cache', 'e2e', 'profile', 'deploy')
 _KINDS = _ALL[:4] + ('scan_vs_unscanned',) + _ALL[4:]  # Record kinds, in table order.
-_DEFAULT = ('input', 'forward', 'train', 'compile', 'cache', 'e2e')
+_DEFAULT = ('input', 'forward', 'train', 'compile', 'cache', 'e2e', 'profile')
 
 _BENCHMARKS = flags.DEFINE_list('benchmarks', list(_DEFAULT), f'Which of {",".join(_ALL)}.')
 _MODELS = flags.DEFINE_list('models', ['Mixer-S_32'], 'Variants, e.g. Mixer-B_16,Mixer-L_16.')
@@ -109,7 +109,8 @@ _COLUMNS = {
               ('2nd from cache', 'second_start_from_cache'),
               ('2nd/1st', 'second_over_first'), ('target', 'target_second_over_first')],
     # Then one column per category (profile_bench.CATEGORY_NAMES), from the record's *_pct keys.
-    'profile': [('ms/step', 'step_seconds'), ('device ms', 'device_ms_per_step')],
+    'profile': [('ms/step', 'step_seconds'), ('ops on', 'ops_on'),
+                ('op ms', 'device_ms_per_step')],
     'deploy': [('format', 'format'), ('MiB', 'file_mib'), ('b1 ms', 'batch1_latency_ms'),
                ('b32 img/s', 'batch32_img_per_s'), ('top1=jax', 'top1_agreement_with_jax')],
     'e2e': [('trainer img/s/dev', 'trainer_img_per_sec_per_device'),
@@ -232,7 +233,8 @@ def main(argv):
   for record in records:
     if record.get('top_ops'):
       from mixer.benchmarks import profile_bench
-      print(f'\nTop device ops, {record["model"]} batch {record["batch_size"]} '
+      where = 'device' if record.get('ops_on') == 'device' else 'CPU-thread'
+      print(f'\nTop {where} ops, {record["model"]} batch {record["batch_size"]} '
             f'({record["device_kind"]}; trace: {record["trace_dir"]}):')
       print(profile_bench.format_top_ops(record['top_ops']))
   print(f'\nJSON lines: {_OUT.value}')
