@@ -590,6 +590,10 @@ def test_hlo_traffic_counts_cublas_and_cudnn_custom_calls_as_matmuls():
      'MixerBlock_0/add', 'forward MixerBlock_*/add'),
     ('jit(train_step)/transpose(jvp(MlpMixer))/MlpMixer._blocks/while/body/closed_call',
      'backward blocks (scan loop)'),
+    # The gradients' all-reduces, combined into one by XLA, name all their ops.
+    ('jit(train_step)/(transpose(jvp(MlpMixer))/MlpMixer._blocks/MixerBlock_0/LayerNorm_0/'
+     'reduce_sum:transpose(jvp(MlpMixer))/stem/dot_general:transpose(jvp(MlpMixer))/head/'
+     'reduce_sum)', 'backward MixerBlock_*/LayerNorm_0/reduce_sum (and 2 more ops, combined)'),
     ('', ''),
 ])
 def test_hlo_traffic_names_ops_readably(op_name, readable):

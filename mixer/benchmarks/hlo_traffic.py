@@ -398,6 +398,13 @@ def readable_source(op_name: str) -> str:
   """
   if not op_name:
     return ''
+  # An op XLA made of several (e.g. all-reduces combined into one) names them all:
+  # 'jit(train_step)/(a/reduce_sum:b/dot_general:...)'. Name the first and count the rest.
+  combined = re.fullmatch(r'(jit\([^)]*\)/)\((.*:.*)\)', op_name)
+  if combined:
+    parts = combined.group(2).split(':')
+    return (f'{readable_source(combined.group(1) + parts[0])} '
+            f'(and {len(parts) - 1} more ops, combined)')
   path = re.sub(r'^jit\([^)]*\)/', '', op_name)
   direction = ('backward' if path.startswith('transpose(') else
                'forward' if path.startswith('jvp(') else 'update')
