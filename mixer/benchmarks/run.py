@@ -108,7 +108,7 @@ _COLUMNS = {
               ('2nd load', 'second_start_xla_cpu_seconds'),
               ('2nd from cache', 'second_start_from_cache'),
               ('2nd/1st', 'second_over_first'), ('target', 'target_second_over_first')],
-    # Then one column per category (profile_bench.CATEGORY_NAMES), from the record's *_pct keys.
+    # Then a column per category (profile_bench.CATEGORY_NAMES) with time in it (*_pct keys).
     'profile': [('ms/step', 'step_seconds'), ('ops on', 'ops_on'),
                 ('op ms', 'device_ms_per_step')],
     'deploy': [('format', 'format'), ('MiB', 'file_mib'), ('b1 ms', 'batch1_latency_ms'),
@@ -144,8 +144,9 @@ def format_table(records: list[dict]) -> str:
       continue
     key = [c for c in _KEY if c[1] in rows[0]] if kind != 'input' else []
     columns = key + _COLUMNS[kind]
-    if kind == 'profile':
-      columns += [(f'{k[:-len("_pct")]} %', k) for k in rows[0] if k.endswith('_pct')]
+    if kind == 'profile':  # The categories any row has time in.
+      columns += [(f'{k[:-len("_pct")]} %', k) for k in rows[0]
+                  if k.endswith('_pct') and any(r.get(k) for r in rows)]
     table = [[header for header, _ in columns]] + [[_cell(r, key) for _, key in columns]
                                                    for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
