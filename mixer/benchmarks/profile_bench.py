@@ -1,4 +1,4 @@
-"""Where a train step's device time goes: a profiler trace of the trainer's step, summed per op.
+"""Where a train step's time goes: a profiler trace of the trainer's step, summed per op.
 
   python -m mixer.benchmarks.run --benchmarks=profile --models=Mixer-B_16 --batch_sizes=256 \\
       --dtype=bfloat16
@@ -27,6 +27,9 @@ fuses each matmul with its neighbours, so a name says nothing); on a GPU the
 kernels XLA generates (`fusion.12` runs as `fusion_12`). `start_trace` writes
 that HLO beside the trace (`STEP_HLO`). Ops the HLO does not name (cuBLAS
 `nvjet`/`xmma`, cuDNN, memcpy) are sorted by their kernel name (`category`).
+The HLO also says which jax op each kernel came from ('backward
+MixerBlock_*/channel_mixing/Dense_0/dot_general'): the list of the largest ops
+shows it.
 
 A training run's own trace (`config.profile_steps=(start, stop)` writes it to
 `<workdir>/profile`) is summed the same way:
