@@ -706,7 +706,7 @@ def test_profile_categories_come_from_the_steps_hlo_where_it_names_the_op():
         ROOT %loop_add_fusion.2 = bf16[64,32]{1,0} add(%fusion.12, %x)
       }
       ''')
-  categories = profile_bench.op_categories(hlo)
+  categories, _ = profile_bench.step_ops(hlo)
   # A TPU trace names ops as the HLO does; XLA:GPU's kernels write '_' for '.'.
   assert categories == {'fusion.12': 'matmul', 'fusion_12': 'matmul',
                         'loop_add_fusion.2': 'elementwise', 'loop_add_fusion_2': 'elementwise'}

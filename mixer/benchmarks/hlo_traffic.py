@@ -230,26 +230,14 @@ def _group_size(rest: str, devices: int) -> int:
   return devices
 
 
-def _held_collectives(computation: str, computations) -> list[tuple[str, int, str]]:
-  """[(opcode, result bytes, rest of line)] of the collectives in a fused computation and in
-  the fusions nested in it, as `_fused_opcodes` finds their opcodes."""
-  found = []
-  for _, shape, opcode, rest in computations.get(computation, []):
-    if opcode in _COLLECTIVES:
-      found.append((opcode, array_bytes(shape), rest))
-    nested = re.search(r'calls=%([\w.\-]+)', rest) if opcode == 'fusion' else None
-    if nested:
-      found += _held_collectives(nested.group(1), computations)
-  return found
-
-
 def _ici_bytes(opcode: str, rest: str, operands: list[int], result: int, result_is_tuple: bool,
                held: list[tuple[str, int, str]], devices: int) -> int:
   """Bytes one device sends over the interconnect for a collective, as a ring does it: an
   all-reduce of S bytes over n devices sends 2(n-1)/n S, an all-gather to S or a
-  reduce-scatter of S (n-1)/n S. A fusion holding a collective (`held`: libtpu's
-  reduce-scatter is an all-reduce whose result it slices) counts as the collective it
-  holds. A torus spreads the same bytes over more links; this is the volume, not the time."""
+  reduce-scatter of S (n-1)/n S. A fusion holding a collective (`held`: [(opcode, result
+  bytes, rest of line)] of those it holds, nested ones too; libtpu's reduce-scatter is an
+  all-reduce whose result it slices) counts as the collective it holds. A torus spreads
+  the same bytes over more links; this is the volume, not the time."""
   if opcode == 'fusion':
     if not held:
       return 0
@@ -273,16 +261,18 @@ def _ici_bytes(opcode: str, rest: str, operands: list[int], result: int, result_
   return sum(operands)  # collective-permute, collective-broadcast: each sends its operand.
 
 
-def _fused_opcodes(computation: str, computations, memo: dict) -> frozenset[str]:
-  """The opcodes of a fused computation, with those of the fusions nested in it."""
+def _fused_instructions(computation: str, computations, memo: dict) -> list:
+  """The instructions (name, shape, opcode, rest of line) of a fused computation, with those
+  of the fusions nested in it: what `category` and `_ici_bytes` look at."""
   if computation not in memo:
-    opcodes = set()
-    for _, _, opcode, rest in computations.get(computation, []):
-      opcodes.add(opcode)
+    found = []
+    for instruction in computations.get(computation, []):
+      found.append(instruction)
+      _, _, opcode, rest = instruction
       nested = re.search(r'calls=%([\w.\-]+)', rest) if opcode == 'fusion' else None
       if nested:
-        opcodes |= _fused_opcodes(nested.group(1), computations, memo)
-    memo[computation] = frozenset(opcodes)
+        found += _fused_instructions(nested.group(1), computations, memo)
+    memo[computation] = found
   return memo[computation]
 
 
@@ -314,7 +304,7 @@ def kernels(hlo: str) -> list[Kernel]:
   computations = _computations(hlo)
   if 'ENTRY' not in computations:
     raise ValueError('No ENTRY computation: pass the text of an HLO module (compiled.as_text()).')
-  found, memo, opcodes_memo = [], {}, {}
+  found, memo, fused_memo = [], {}, {}
   partitions = re.search(r'num_partitions=(\d+)', hlo[:100_000])
   devices = int(partitions.group(1)) if partitions else 1
 
@@ -353,11 +343,12 @@ def kernels(hlo: str) -> list[Kernel]:
       moved = (sum(read.get(i, b) for i, b in enumerate(operands) if i not in in_place)
                + result - aliased + sum(in_place.values()))
       source = re.search(r'op_name="([^"]*)"', rest)
-      fused_opcodes = (_fused_opcodes(fused_computation, computations, opcodes_memo)
-                       if fused_computation else frozenset())
-      kind = category(name, opcode, fused_opcodes, target)
+      held = (_fused_instructions(fused_computation, computations, fused_memo)
+              if fused_computation else [])
+      kind = category(name, opcode, frozenset(op for _, _, op, _ in held), target)
       ici = (_ici_bytes(opcode, rest, operands, result, shape.startswith('('),
-                        _held_collectives(fused_computation, computations), devices)
+                        [(op, array_bytes(out), text) for _, out, op, text in held
+                         if op in _COLLECTIVES], devices)
              if kind == 'collective' else 0)
       found.append(Kernel(name, opcode, source.group(1) if source else '', moved * trips, trips,
                           kind, ici * trips))

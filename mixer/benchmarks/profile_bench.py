@@ -79,8 +79,8 @@ STEP_HLO = 'train_step.hlo.txt.gz'
 
 
 def category(op_name: str, categories: dict[str, str] | None = None) -> str:
-  """The category of a device op: from `categories` (`op_categories` of the step's HLO) where
-  they name it, else from the op's name (a kernel's or an HLO op's)."""
+  """The category of a device op: from `categories` (`step_ops` of the step's HLO) where they
+  name it, else from the op's name (a kernel's or an HLO op's)."""
   if categories and op_name in categories:
     return categories[op_name]
   lowered = op_name.lower()
@@ -109,11 +109,6 @@ def step_ops(hlo: str) -> tuple[dict[str, str], dict[str, str]]:
       categories.setdefault(key, kernel.category)
       sources.setdefault(key, hlo_traffic.readable_source(kernel.source))
   return categories, sources
-
-
-def op_categories(hlo: str) -> dict[str, str]:
-  """{op name as a trace writes it: category} (`step_ops`)."""
-  return step_ops(hlo)[0]
 
 
 def _events_and_names(trace: dict | list) -> tuple[list, dict, dict]:
@@ -174,7 +169,7 @@ def host_op_times(trace: dict | list, op_names) -> dict[str, tuple[float, int]]:
   `ynn_fusion.22`) on one of its threads (`tf_XLAPjRtCpuClient/...`,
   `tf_XLAEigen/...`) and records it there, beside events that are not ops (the
   executor's span, `end: dot.114` markers). `op_names` (the step's HLO, as
-  `op_categories` keys it) tells them apart.
+  `step_ops` keys it) tells them apart.
   """
   events, processes, _ = _events_and_names(trace)
   hosts = {pid for pid, name in processes.items() if name.startswith('/host:')}
@@ -284,11 +279,12 @@ def run(config: ml_collections.ConfigDict, trace_dir: str, steps: int = 5) -> di
   seconds = (time.perf_counter() - start) / steps
   jax.profiler.stop_trace()
   trace = read_trace(trace_dir)
+  categories, sources = read_step_ops(trace_dir)
   return {
       'benchmark': 'profile', **model_bench.config_fields(config),
       'device_kind': jax.devices()[0].device_kind, 'steps': steps,
       'step_seconds': round(seconds, 4), 'trace_dir': trace_dir,
-      **(summarize_trace(trace, steps, 15, *read_step_ops(trace_dir))
+      **(summarize_trace(trace, steps, categories=categories, sources=sources)
          if trace is not None else {'device_ms_per_step': None})}
 
 
@@ -301,7 +297,7 @@ def format_top_ops(top_ops: list[dict[str, Any]]) -> str:
             + ('  jax op' if named else '')).rstrip()]
   for op in top_ops:
     lines.append(f'{op["ms_per_step"]:8.3f}  {op["calls_per_step"]:5g}  {op["category"]:<14}  '
-                 f'{op["op"][:width]:<{width}}  {op.get("source", "") if named else ""}'.rstrip())
+                 f'{op["op"][:width]:<{width}}  {op.get("source", "")}'.rstrip())
   return '\n'.join(lines)
 
 
