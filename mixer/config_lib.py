@@ -223,6 +223,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_enum('decay_type', config.decay_type, optim.DECAY_TYPES)
   check_enum('mu_dtype', config.mu_dtype, optim.MU_DTYPES)
   check_enum('model_dtype', config.model_dtype, MODEL_DTYPES)
+  if config.model.residual_dtype is not None:
+    check_enum('model.residual_dtype', config.model.residual_dtype, models.RESIDUAL_DTYPES)
   check_enum('init_head', config.init_head, INIT_HEADS)
   for key in ('log_every', 'checkpoint_every', 'keep_checkpoints', 'batch_size',
               'eval_batch_size', 'grad_accum_steps', 'image_size', 'num_classes'):

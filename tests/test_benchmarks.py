@@ -7,6 +7,7 @@ per-device bytes under FSDP, the table); the end-to-end runs are `slow`.
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixer import compile_cache, input_pipeline, models
+from mixer import compile_cache, input_pipeline, models, trainer_setup
 from mixer.benchmarks import compile_bench, hlo_traffic, model_bench, profile_bench
 from mixer.benchmarks import run as bench_run
 from mixer.datasets import get_source
@@ -67,9 +68,9 @@ def test_fsdp_bytes_per_device_are_split():
 def test_table_has_a_block_per_benchmark_with_values():
   records = [
       {'benchmark': 'train', 'model': 'Mixer-S_32', 'image_size': 224, 'batch_size': 8,
-       'dtype': 'float32', 'scan_blocks': False, 'remat': 'none', 'device_kind': 'cpu',
-       'img_per_sec_per_device': 3.08, 'step_seconds': 2.5934, 'model_gflops_per_image': 6.015,
-       'mfu': 0.5472, 'memory_bytes_per_device': 478233064},
+       'dtype': 'float32', 'scan_blocks': False, 'remat': 'none', 'residual_dtype': 'float32',
+       'device_kind': 'cpu', 'img_per_sec_per_device': 3.08, 'step_seconds': 2.5934,
+       'model_gflops_per_image': 6.015, 'mfu': 0.5472, 'memory_bytes_per_device': 478233064},
       {'benchmark': 'cache', 'model': 'Mixer-S_32', 'device_kind': 'cpu',
        'first_start_compile_cpu_seconds': 10.0, 'second_start_compile_cpu_seconds': 1.0,
        'second_over_first': 0.1, 'target_second_over_first': 0.2},
@@ -84,6 +85,17 @@ def test_table_has_a_block_per_benchmark_with_values():
   assert train_lines[1].split()[:3] == ['model', 'res', 'batch']
   assert train_lines[3].split() == ['Mixer-S_32', '224', '8', 'float32', 'False', 'none', '3.08',
                                     '2593.4', '6.01', '0.547', '-', '-', '456']
+  # The residual dtype gets a column only where a row is not the default float32.
+  both = bench_run.format_table([records[0], dict(records[0], residual_dtype='bfloat16')])
+  assert [line.split()[6] for line in both.splitlines()[1:] if line.strip('- ')] == [
+      'residual', 'float32', 'bfloat16']
+
+
+def test_bench_config_carries_the_residual_dtype_to_the_model_and_the_record():
+  config = model_bench.bench_config('Mixer-S_32', 2, 64, residual_dtype='bfloat16')
+  assert trainer_setup.build(config).model.residual_dtype == 'bfloat16'
+  assert model_bench.config_fields(config)['residual_dtype'] == 'bfloat16'
+  assert model_bench.config_fields(model_bench.bench_config())['residual_dtype'] == 'float32'
 
 
 def test_synthetic_source_train_batches_and_eval_reads():
@@ -313,6 +325,8 @@ def test_compile_bench_compiles_for_a_tpu_slice_and_pairs_scanned_with_unscanned
       one_block['compile_cpu_seconds'] / unscanned['compile_cpu_seconds'], 3)
   # Records of another batch size are not paired; without the one-block step, no floor.
   assert compile_bench.scan_vs_unscanned([dict(unscanned, batch_size=16), scanned]) == []
+  assert compile_bench.scan_vs_unscanned(
+      [dict(unscanned, residual_dtype='bfloat16'), scanned]) == []
   [pair] = compile_bench.scan_vs_unscanned([unscanned, scanned])
   assert pair['floor_cpu_ratio'] is None
 
@@ -664,6 +678,46 @@ def test_profile_sums_the_gpu_kernels_of_a_real_h100_trace():
   top = summary['top_ops'][0]
   assert top['category'] == 'matmul' and top['op'].startswith('nvjet')
   assert top['calls_per_step'] == 24  # Two matmuls of this shape per block, 12 blocks.
+
+
+_H100_PROFILE = os.path.join(os.path.dirname(__file__), 'data', 'h100_b16_profile')
+
+
+def test_profile_sorts_a_real_h100_trace_by_the_steps_own_hlo(capsys):
+  """What `profile` wrote on an H100 (B/16 bf16, batch 256, 5 steps): the trace and, beside it,
+  the step's HLO, whose op names the GPU's kernels carry with '.'/'-' as '_'."""
+  categories, sources = profile_bench.read_step_ops(_H100_PROFILE)
+  times, devices = profile_bench.device_op_times(profile_bench.read_trace(_H100_PROFILE))
+  assert devices == 1
+  total = sum(micros for micros, _ in times.values())
+  named = {op for op in times if op in categories}
+  # Every kernel XLA emitted is found in its HLO; what it does not name is cuBLAS (matmuls by
+  # their names) or a memcpy.
+  assert all(op in named for op in times
+             if re.match(r'(loop|input|gemm_fusion|wrapped|triton|fusion)_', op)), (
+                 sorted(set(times) - named))
+  unnamed = set(times) - named
+  assert any(op.startswith('nvjet') for op in unnamed)
+  assert {profile_bench.category(op) for op in unnamed} <= {'matmul', 'memcpy'}
+  assert sum(times[op][0] for op in named) > 0.5 * total
+  # The HLO says what a generically named fusion holds: here the LayerNorm backward's
+  # reductions (by its name alone, elementwise), once per block but the first and last.
+  assert categories['fusion_1291'] == 'reduction' != profile_bench.category('fusion_1291')
+  assert 'LayerNorm' in sources['fusion_1291'] and times['fusion_1291'][1] == 5 * 10
+  moved = sum(times[op][0] for op in named
+              if categories[op] != profile_bench.category(op)) / total
+  assert moved > 0.05  # The HLO changes the picture, not only the labels.
+  # The CLI reads the same folder and prints these shares.
+  shares = {}
+  for op, (micros, _) in times.items():
+    name = profile_bench.category(op, categories)
+    shares[name] = shares.get(name, 0) + 100 * micros / total
+  assert profile_bench.main([], _H100_PROFILE, steps=5, top=5) == 0
+  out = capsys.readouterr().out
+  assert f'device time: {total / 5 / 1000:.2f} ms per step' in out.lower()
+  for name in ('matmul', 'reduction', 'elementwise'):
+    assert f'{name} {shares[name]:.1f}%' in out
+  assert 'backward MixerBlock_*/' in out
 
 
 @pytest.mark.parametrize('op, expected', [

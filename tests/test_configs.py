@@ -229,6 +229,8 @@ def _digits(**overrides):
     ({'optimizer': 'lamb'}, 'optimizer'),
     ({'decay_type': 'rsqrt'}, 'decay_type'),
     ({'model_dtype': 'float16'}, 'model_dtype'),
+    ({'model': {'residual_dtype': 'float16'}},
+     r"config.model.residual_dtype='float16': use one of \['float32', 'bfloat16'\]"),
     ({'image_size': 30}, 'patch size'),
 ])
 def test_validate_rejects_bad_values(overrides, match):

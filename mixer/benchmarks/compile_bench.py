@@ -161,8 +161,9 @@ def scan_vs_unscanned(records: list[dict]) -> list[dict[str, Any]]:
   (`with_one_block_steps`), `floor_cpu_ratio` is its CPU time over the unscanned step's.
   """
   def setting(r, num_blocks=None):
-    return (r['model'], r['image_size'], r['batch_size'], r['dtype'], r['devices'],
-            r.get('topology'), r.get('fsdp'), num_blocks or r['num_blocks'])
+    return (r['model'], r['image_size'], r['batch_size'], r['dtype'],
+            r.get('residual_dtype', 'float32'), r['devices'], r.get('topology'), r.get('fsdp'),
+            num_blocks or r['num_blocks'])
   compiles = [r for r in records if r.get('benchmark') == 'compile']
   unscanned = {(setting(r), r['remat']): r for r in compiles if not r['scan_blocks']}
   pairs = []

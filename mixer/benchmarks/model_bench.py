@@ -54,8 +54,8 @@ PAPER_IMG_PER_SEC_PER_CORE = {'Mixer-S_32': 11489, 'Mixer-S_16': 3994, 'Mixer-B_
 
 def bench_config(model: str = 'Mixer-S_32', batch_size: int = 16, image_size: int = 224,
                  dtype: str = 'float32', scan_blocks: bool = False, remat: str = 'none',
-                 fsdp: int = 1, num_classes: int = 1000,
-                 num_blocks: int | None = None) -> ml_collections.ConfigDict:
+                 fsdp: int = 1, num_classes: int = 1000, num_blocks: int | None = None,
+                 residual_dtype: str = 'float32') -> ml_collections.ConfigDict:
   """The base config with a model, batch, resolution, dtype and mesh: what every bench builds.
 
   `num_blocks` overrides the variant's depth (None: the variant's own).
@@ -66,6 +66,7 @@ def bench_config(model: str = 'Mixer-S_32', batch_size: int = 16, image_size: in
     config.model.num_blocks = num_blocks
   config.model.scan_blocks = scan_blocks
   config.model.remat = remat
+  config.model.residual_dtype = residual_dtype
   config.update(image_size=image_size, num_classes=num_classes, batch_size=batch_size,
                 model_dtype=dtype, weight_decay=0.1, warmup_steps=1, total_steps=10_000)
   config.mesh.fsdp = fsdp
@@ -76,7 +77,8 @@ def config_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What identifies a benchmark record's config (the table's key columns)."""
   return {'model': config.model.name, 'image_size': config.image_size,
           'batch_size': config.batch_size, 'dtype': config.model_dtype,
-          'scan_blocks': bool(config.model.scan_blocks), 'remat': config.model.remat}
+          'scan_blocks': bool(config.model.scan_blocks), 'remat': config.model.remat,
+          'residual_dtype': config.model.residual_dtype or 'float32'}
 
 
 def forward_flops(model: models.MlpMixer, image_size: int) -> float:

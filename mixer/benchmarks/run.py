@@ -22,7 +22,7 @@
            the default list: about 27 min for B/16 on 2 cores)
 
 Every combination of --models x --batch_sizes x --image_sizes x --scan_blocks x
---remat is measured. The defaults are sized for a 2-core CPU (a few minutes);
+--remat x --residual_dtype is measured. The defaults are sized for a 2-core CPU (a few minutes);
 on an accelerator, e.g.:
 
   python -m mixer.benchmarks.run --benchmarks=forward,train --models=Mixer-B_16,Mixer-L_16 \\
@@ -52,6 +52,8 @@ _IMAGE_SIZES = flags.DEFINE_list('image_sizes', ['224'], 'Image sizes.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _SCAN = flags.DEFINE_list('scan_blocks', ['false'], 'false and/or true.')
 _REMAT = flags.DEFINE_list('remat', ['none'], 'none, full and/or dots.')
+_RESIDUAL_DTYPE = flags.DEFINE_list('residual_dtype', ['float32'],
+                                    'float32 and/or bfloat16: the residual stream between blocks.')
 _DEVICES = flags.DEFINE_list('devices', ['1', '8'],
                              'Device counts for `compile` (more than the real devices: fake '
                              'CPU devices in a subprocess); FSDP over all of them.')
@@ -119,7 +121,9 @@ _COLUMNS = {
 }
 _COLUMNS['train'] = _COLUMNS['forward']
 _KEY = [('model', 'model'), ('res', 'image_size'), ('batch', 'batch_size'), ('dtype', 'dtype'),
-        ('scan', 'scan_blocks'), ('remat', 'remat')]
+        ('scan', 'scan_blocks'), ('remat', 'remat'), ('residual', 'residual_dtype')]
+# Key columns shown only where a row differs from this default (most tables never do).
+_KEY_DEFAULTS = {'residual_dtype': 'float32'}
 
 
 def _cell(record, key) -> str:
@@ -142,7 +146,9 @@ def format_table(records: list[dict]) -> str:
     rows = [r for r in records if r.get('benchmark') == kind]
     if not rows:
       continue
-    key = [c for c in _KEY if c[1] in rows[0]] if kind != 'input' else []
+    key = [c for c in _KEY if c[1] in rows[0] and (
+        c[1] not in _KEY_DEFAULTS or any(r.get(c[1]) != _KEY_DEFAULTS[c[1]] for r in rows))
+           ] if kind != 'input' else []
     columns = key + _COLUMNS[kind]
     if kind == 'profile':  # The categories any row has time in.
       columns += [(f'{k[:-len("_pct")]} %', k) for k in rows[0]
@@ -175,9 +181,16 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
 
   combos = [dict(model=m, batch_size=int(b), image_size=int(s), dtype=_DTYPE.value,
-                 scan_blocks=_bool(scan), remat=r, num_classes=_NUM_CLASSES.value)
-            for m, b, s, scan, r in itertools.product(
-                _MODELS.value, _BATCH_SIZES.value, _IMAGE_SIZES.value, _SCAN.value, _REMAT.value)]
+                 scan_blocks=_bool(scan), remat=r, residual_dtype=residual,
+                 num_classes=_NUM_CLASSES.value)
+            for m, b, s, scan, r, residual in itertools.product(
+                _MODELS.value, _BATCH_SIZES.value, _IMAGE_SIZES.value, _SCAN.value, _REMAT.value,
+                _RESIDUAL_DTYPE.value)]
+  from mixer import models  # pylint: disable=g-import-not-at-top  (jax-heavy)
+  for residual in _RESIDUAL_DTYPE.value:
+    if residual not in models.RESIDUAL_DTYPES:
+      raise app.UsageError(f'--residual_dtype takes {",".join(models.RESIDUAL_DTYPES)}, '
+                           f'got {residual!r}.')
   chosen = set(_BENCHMARKS.value)
   records = []
   with open(_OUT.value, 'w', encoding='utf-8') as out:
