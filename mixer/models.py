@@ -305,11 +305,12 @@ class MlpMixer(nn.Module):
   directly (logits: a bf16 sigmoid logit near its -10 initial bias has steps
   of 0.06) in float32 and the bulk of the FLOPs and activation memory in bf16.
   `residual_dtype='bfloat16'` trades the first of these for speed where the
-  step is memory-bound (MaxText keeps its residual stream in its activation
-  dtype): the stream between blocks, and each block's adds, are bf16 (8
-  significant bits), while the LayerNorm statistics, the pre-head LayerNorm and
-  the logits stay float32. On an H100 the B/16 train step then moves 13% fewer
-  bytes and runs 10% faster (docs/benchmarks.md); it is not the paper's recipe.
+  step is memory-bound, as MaxText does (its decoder adds each layer's output to
+  embeddings cast to its bf16 activation dtype): the stream between blocks, and
+  each block's adds, are bf16 (8 significant bits), while the LayerNorm
+  statistics, the pre-head LayerNorm and the logits stay float32. On an H100 the
+  B/16 train step then moves 13% fewer bytes and runs 10% faster
+  (docs/benchmarks.md); it is not the paper's recipe.
   Stochastic depth rises linearly per block from 0 (first block) to
   `stoch_depth` (last block) and, like dropout, is active only with
   `train=True` and needs the `'dropout'` rng. Kept branches are not rescaled
