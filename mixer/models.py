@@ -344,10 +344,10 @@ class MlpMixer(nn.Module):
       raise ValueError(
           f'Image size {height}x{width} is not divisible by the patch size '
           f'{self.patch_size}: resize the images (e.g. config.image_size) to a multiple of it.')
-    x = PatchEmbedding(self.hidden_dim, self.patch_size, self.dtype, name='stem')(images)
     if self.residual_dtype not in RESIDUAL_DTYPES:
       raise ValueError(f'MlpMixer.residual_dtype={self.residual_dtype!r}: use one of '
                        f'{list(RESIDUAL_DTYPES)}.')
+    x = PatchEmbedding(self.hidden_dim, self.patch_size, self.dtype, name='stem')(images)
     # Mixed precision: the residual stream stays float32 whatever `dtype` is
     # (each block adds its bf16 MLP output to it in float32), as big_vision's
     # Mixer keeps activations in float32, unless `residual_dtype` says otherwise;

@@ -179,18 +179,17 @@ def main(argv):
   # Each benchmark's module is imported only when chosen: `--help` and flag errors come back
   # fast, and forward/train need neither TF nor clu (a bare GPU image has jax and flax only).
   # pylint: disable=g-import-not-at-top
-
+  from mixer import models
+  for residual in _RESIDUAL_DTYPE.value:
+    if residual not in models.RESIDUAL_DTYPES:
+      raise app.UsageError(f'--residual_dtype takes {",".join(models.RESIDUAL_DTYPES)}, '
+                           f'got {residual!r}.')
   combos = [dict(model=m, batch_size=int(b), image_size=int(s), dtype=_DTYPE.value,
                  scan_blocks=_bool(scan), remat=r, residual_dtype=residual,
                  num_classes=_NUM_CLASSES.value)
             for m, b, s, scan, r, residual in itertools.product(
                 _MODELS.value, _BATCH_SIZES.value, _IMAGE_SIZES.value, _SCAN.value, _REMAT.value,
                 _RESIDUAL_DTYPE.value)]
-  from mixer import models  # pylint: disable=g-import-not-at-top  (jax-heavy)
-  for residual in _RESIDUAL_DTYPE.value:
-    if residual not in models.RESIDUAL_DTYPES:
-      raise app.UsageError(f'--residual_dtype takes {",".join(models.RESIDUAL_DTYPES)}, '
-                           f'got {residual!r}.')
   chosen = set(_BENCHMARKS.value)
   records = []
   with open(_OUT.value, 'w', encoding='utf-8') as out:
