@@ -208,6 +208,11 @@ def _drop_branch(y, scale):
   return jnp.where(scale > 0, y * scale, 0.0)
 
 
+def swap_tokens_and_channels(y):
+  """[N, S, C] <-> [N, C, S]: the token MLP mixes along S, so it runs on the swapped layout."""
+  return jnp.swapaxes(y, 1, 2)
+
+
 class MixerBlock(nn.Module):
   """One Mixer layer: token mixing then channel mixing, each pre-LayerNorm and residual."""
   tokens_mlp_dim: int
@@ -222,10 +227,10 @@ class MixerBlock(nn.Module):
   def __call__(self, x, train: bool, scales=None):
     token_scale, channel_scale = (None, None) if scales is None else (scales[0], scales[1])
     y = LayerNorm(self.dtype)(x)
-    y = jnp.swapaxes(y, 1, 2)  # [N, C, S]: the token MLP mixes along S.
+    y = swap_tokens_and_channels(y)
     y = MlpBlock(self.tokens_mlp_dim, TOKENS, TOKEN_MLP, self.dropout_rate,
                  self.dtype, self.recompute_gelu, name='token_mixing')(y, train=train)
-    y = jnp.swapaxes(y, 1, 2)
+    y = swap_tokens_and_channels(y)
     x = x + _drop_branch(y, token_scale).astype(x.dtype)  # The residual stream keeps its dtype.
     x = nn.with_logical_constraint(x, (BATCH, None, None))
     y = LayerNorm(self.dtype)(x)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mixer import compile_cache, input_pipeline, models, trainer_setup
-from mixer.benchmarks import compile_bench, hlo_traffic, model_bench, profile_bench
+from mixer.benchmarks import ablation, compile_bench, hlo_traffic, model_bench, profile_bench
 from mixer.benchmarks import run as bench_run
 from mixer.datasets import get_source
 from tests import multidevice
@@ -96,6 +96,70 @@ def test_bench_config_carries_the_residual_dtype_to_the_model_and_the_record():
   assert trainer_setup.build(config).model.residual_dtype == 'bfloat16'
   assert model_bench.config_fields(config)['residual_dtype'] == 'bfloat16'
   assert model_bench.config_fields(model_bench.bench_config())['residual_dtype'] == 'float32'
+
+
+def test_ablation_names_parse_and_bad_ones_are_refused():
+  assert ablation.parse('none') == ()
+  assert ablation.parse('gelu+layernorm') == ('gelu', 'layernorm')
+  assert ablation.label(ablation.parse('transpose+gelu')) == 'transpose+gelu'
+  assert ablation.label(()) == 'none'
+  for bad in ('softmax', 'gelu+gelu', 'gelu+none', ''):
+    with pytest.raises(ValueError, match='--ablate takes none or names from'):
+      ablation.parse(bad)
+
+
+def _train_step_hlo(names=()):
+  config = model_bench.bench_config('Mixer-S_32', 2, 64, num_blocks=1)
+  with ablation.ablated(names):
+    return trainer_setup.compile_train_step(trainer_setup.build(config)).as_text()
+
+
+def test_each_ablation_takes_its_op_out_of_the_compiled_step_and_only_that_op():
+  originals = {a: getattr(models, a) for changes in ablation.ABLATIONS.values() for a in changes}
+  base = _train_step_hlo()
+
+  def counts(text):  # GELU's tanh, LayerNorm's rsqrt, the token-mixing swaps' transposes.
+    return {'tanh': text.count(' tanh('), 'rsqrt': text.count(' rsqrt('),
+            'transpose': text.count(' transpose(')}
+
+  before = counts(base)
+  assert before['tanh'] > 0 and before['rsqrt'] > 0 and before['transpose'] > 0
+  gelu, layernorm, transpose = (counts(_train_step_hlo((name,)))
+                                for name in ('gelu', 'layernorm', 'transpose'))
+  assert gelu['tanh'] == 0 and gelu['rsqrt'] == before['rsqrt']
+  assert layernorm['rsqrt'] == 0 and layernorm['tanh'] == before['tanh']
+  assert transpose['transpose'] < before['transpose']
+  assert (transpose['tanh'], transpose['rsqrt']) == (before['tanh'], before['rsqrt'])
+  # Left as it was afterwards, also when the code inside raises.
+  with pytest.raises(RuntimeError):
+    with ablation.ablated(tuple(ablation.ABLATIONS)):
+      assert models.layer_norm is not originals['layer_norm']
+      raise RuntimeError
+  assert {a: getattr(models, a) for a in originals} == originals
+  assert counts(_train_step_hlo()) == before
+
+
+def test_run_cli_ablates_the_train_step_and_refuses_unknown_ablations(tmp_path):
+  out = tmp_path / 'results.jsonl'
+  command = [sys.executable, '-m', 'mixer.benchmarks.run', '--benchmarks=train',
+             '--models=Mixer-S_32', '--image_sizes=64', '--batch_sizes=4', '--steps=1',
+             '--repeats=1', f'--out={out}']
+  done = subprocess.run(command + ['--ablate=none,gelu+layernorm+transpose'],
+                        env=multidevice.subprocess_env(1), capture_output=True, text=True,
+                        cwd=multidevice.REPO, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r['ablate'] for r in records] == ['none', 'gelu+layernorm+transpose']
+  # Without LayerNorm and GELU the step keeps fewer activations for the backward pass.
+  assert records[1]['memory_bytes_per_device'] < records[0]['memory_bytes_per_device']
+  header = next(line for line in done.stdout.splitlines() if line.lstrip().startswith('model'))
+  assert 'ablated' in header.split()
+  assert 'gelu+layernorm+transpose' in done.stdout
+  refused = subprocess.run(command + ['--ablate=none,softmax'], env=multidevice.subprocess_env(1),
+                           capture_output=True, text=True, cwd=multidevice.REPO, timeout=120,
+                           check=False)
+  assert refused.returncode != 0 and "--ablate takes none or names from" in refused.stderr
+  assert "got 'softmax'" in refused.stderr
 
 
 def test_synthetic_source_train_batches_and_eval_reads():

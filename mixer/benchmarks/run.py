@@ -22,8 +22,9 @@
            the default list: about 27 min for B/16 on 2 cores)
 
 Every combination of --models x --batch_sizes x --image_sizes x --scan_blocks x
---remat x --residual_dtype is measured. The defaults are sized for a 2-core CPU (a few minutes);
-on an accelerator, e.g.:
+--remat x --residual_dtype is measured (forward, train and profile: x --ablate too,
+speed-of-light bounds with ops made free, see ablation.py). The defaults are sized for a
+2-core CPU (a few minutes); on an accelerator, e.g.:
 
   python -m mixer.benchmarks.run --benchmarks=forward,train --models=Mixer-B_16,Mixer-L_16 \\
       --batch_sizes=128,256,512 --dtype=bfloat16
@@ -54,6 +55,10 @@ _SCAN = flags.DEFINE_list('scan_blocks', ['false'], 'false and/or true.')
 _REMAT = flags.DEFINE_list('remat', ['none'], 'none, full and/or dots.')
 _RESIDUAL_DTYPE = flags.DEFINE_list('residual_dtype', ['float32'],
                                     'float32 and/or bfloat16: the residual stream between blocks.')
+_ABLATE = flags.DEFINE_list(
+    'ablate', ['none'], '`forward`, `train`, `profile`: none and/or ops made free, as if fused '
+    'into the matmuls, for a speed-of-light bound: layernorm, gelu, transpose, joined by + '
+    '(e.g. none,gelu+layernorm). The ablated model computes another function (ablation.py).')
 _DEVICES = flags.DEFINE_list('devices', ['1', '8'],
                              'Device counts for `compile` (more than the real devices: fake '
                              'CPU devices in a subprocess); FSDP over all of them.')
@@ -121,9 +126,10 @@ _COLUMNS = {
 }
 _COLUMNS['train'] = _COLUMNS['forward']
 _KEY = [('model', 'model'), ('res', 'image_size'), ('batch', 'batch_size'), ('dtype', 'dtype'),
-        ('scan', 'scan_blocks'), ('remat', 'remat'), ('residual', 'residual_dtype')]
+        ('scan', 'scan_blocks'), ('remat', 'remat'), ('residual', 'residual_dtype'),
+        ('ablated', 'ablate')]
 # Key columns shown only where a row differs from this default (most tables never do).
-_KEY_DEFAULTS = {'residual_dtype': 'float32'}
+_KEY_DEFAULTS = {'residual_dtype': 'float32', 'ablate': 'none'}
 
 
 def _cell(record, key) -> str:
@@ -184,6 +190,11 @@ def main(argv):
     if residual not in models.RESIDUAL_DTYPES:
       raise app.UsageError(f'--residual_dtype takes {",".join(models.RESIDUAL_DTYPES)}, '
                            f'got {residual!r}.')
+  from mixer.benchmarks import ablation
+  try:
+    ablations = [ablation.parse(text) for text in _ABLATE.value]
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   combos = [dict(model=m, batch_size=int(b), image_size=int(s), dtype=_DTYPE.value,
                  scan_blocks=_bool(scan), remat=r, residual_dtype=residual,
                  num_classes=_NUM_CLASSES.value)
@@ -206,10 +217,12 @@ def main(argv):
     if modes:
       from mixer.benchmarks import model_bench
       peak = model_bench.peak_flops_per_device(_DTYPE.value)  # Once: same peak for every row.
-      for kwargs in combos:
-        for record in model_bench.run(model_bench.bench_config(**kwargs), modes,
-                                      steps=_STEPS.value, repeats=_REPEATS.value, peak=peak):
-          emit(record)
+      for kwargs, names in itertools.product(combos, ablations):
+        with ablation.ablated(names):
+          results = model_bench.run(model_bench.bench_config(**kwargs), modes,
+                                    steps=_STEPS.value, repeats=_REPEATS.value, peak=peak)
+        for record in results:
+          emit({**record, 'ablate': ablation.label(names)})
     if 'compile' in chosen or 'cache' in chosen:
       from mixer.benchmarks import compile_bench
     if 'compile' in chosen:
@@ -233,10 +246,12 @@ def main(argv):
                            **kwargs))
     if 'profile' in chosen:
       from mixer.benchmarks import model_bench, profile_bench
-      for index, kwargs in enumerate(combos):
-        emit(profile_bench.run(model_bench.bench_config(**kwargs),
-                               os.path.join(_PROFILE_DIR.value, str(index)),
-                               steps=_PROFILE_STEPS.value))
+      for index, (kwargs, names) in enumerate(itertools.product(combos, ablations)):
+        with ablation.ablated(names):
+          record = profile_bench.run(model_bench.bench_config(**kwargs),
+                                     os.path.join(_PROFILE_DIR.value, str(index)),
+                                     steps=_PROFILE_STEPS.value)
+        emit({**record, 'ablate': ablation.label(names)})
     if 'deploy' in chosen:
       from mixer.benchmarks import deploy_bench
       for kwargs in combos:
