@@ -160,6 +160,11 @@ def test_run_cli_ablates_the_train_step_and_refuses_unknown_ablations(tmp_path):
                            check=False)
   assert refused.returncode != 0 and "--ablate takes none or names from" in refused.stderr
   assert "got 'softmax'" in refused.stderr
+  unused = subprocess.run(command[:3] + ['--benchmarks=compile', '--ablate=gelu'],
+                          env=multidevice.subprocess_env(1), capture_output=True, text=True,
+                          cwd=multidevice.REPO, timeout=120, check=False)
+  assert unused.returncode != 0
+  assert '--ablate applies to forward, train and profile only' in unused.stderr
 
 
 def test_synthetic_source_train_batches_and_eval_reads():

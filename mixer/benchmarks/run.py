@@ -195,6 +195,9 @@ def main(argv):
     ablations = [ablation.parse(text) for text in _ABLATE.value]
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  if any(ablations) and not {'forward', 'train', 'profile'} & set(_BENCHMARKS.value):
+    raise app.UsageError('--ablate applies to forward, train and profile only; add one of them '
+                         'to --benchmarks or drop --ablate.')
   combos = [dict(model=m, batch_size=int(b), image_size=int(s), dtype=_DTYPE.value,
                  scan_blocks=_bool(scan), remat=r, residual_dtype=residual,
                  num_classes=_NUM_CLASSES.value)
