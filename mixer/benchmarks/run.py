@@ -39,6 +39,8 @@ import itertools
 import json
 import math
 import os
+import sys
+from typing import NoReturn
 
 from absl import app, flags
 
@@ -171,9 +173,15 @@ def format_table(records: list[dict]) -> str:
   return '\n\n'.join(blocks)
 
 
+def _refuse(message: str) -> NoReturn:
+  """A flag value the suite cannot run with: one `error:` line on stderr, exit status 2."""
+  print(f'error: {message}', file=sys.stderr)
+  raise SystemExit(2)
+
+
 def _bool(text: str) -> bool:
   if text.lower() not in ('true', 'false'):
-    raise app.UsageError(f'--scan_blocks takes true/false values, got {text!r}.')
+    _refuse(f'--scan_blocks takes true/false values, got {text!r}.')
   return text.lower() == 'true'
 
 
@@ -181,23 +189,22 @@ def main(argv):
   del argv
   unknown = set(_BENCHMARKS.value) - set(_ALL)
   if unknown:
-    raise app.UsageError(f'Unknown benchmark(s) {sorted(unknown)}; choose from {_ALL}.')
+    _refuse(f'Unknown benchmark(s) {sorted(unknown)}; choose from {_ALL}.')
   # Each benchmark's module is imported only when chosen: `--help` and flag errors come back
   # fast, and forward/train need neither TF nor clu (a bare GPU image has jax and flax only).
   # pylint: disable=g-import-not-at-top
   from mixer import models
   for residual in _RESIDUAL_DTYPE.value:
     if residual not in models.RESIDUAL_DTYPES:
-      raise app.UsageError(f'--residual_dtype takes {",".join(models.RESIDUAL_DTYPES)}, '
-                           f'got {residual!r}.')
+      _refuse(f'--residual_dtype takes {",".join(models.RESIDUAL_DTYPES)}, got {residual!r}.')
   from mixer.benchmarks import ablation
   try:
     ablations = [ablation.parse(text) for text in _ABLATE.value]
   except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    _refuse(str(e))
   if any(ablations) and not {'forward', 'train', 'profile'} & set(_BENCHMARKS.value):
-    raise app.UsageError('--ablate applies to forward, train and profile only; add one of them '
-                         'to --benchmarks or drop --ablate.')
+    _refuse('--ablate applies to forward, train and profile only; add one of them to '
+            '--benchmarks or drop --ablate.')
   combos = [dict(model=m, batch_size=int(b), image_size=int(s), dtype=_DTYPE.value,
                  scan_blocks=_bool(scan), remat=r, residual_dtype=residual,
                  num_classes=_NUM_CLASSES.value)
