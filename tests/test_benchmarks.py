@@ -141,12 +141,15 @@ def test_each_ablation_takes_its_op_out_of_the_compiled_step_and_only_that_op():
 
 def test_run_cli_ablates_the_train_step_and_refuses_unknown_ablations(tmp_path):
   out = tmp_path / 'results.jsonl'
-  command = [sys.executable, '-m', 'mixer.benchmarks.run', '--benchmarks=train',
-             '--models=Mixer-S_32', '--image_sizes=64', '--batch_sizes=4', '--steps=1',
-             '--repeats=1', f'--out={out}']
-  done = subprocess.run(command + ['--ablate=none,gelu+layernorm+transpose'],
-                        env=multidevice.subprocess_env(1), capture_output=True, text=True,
-                        cwd=multidevice.REPO, timeout=600, check=False)
+
+  def bench(*flags, timeout=120):
+    return subprocess.run([sys.executable, '-m', 'mixer.benchmarks.run', *flags],
+                          env=multidevice.subprocess_env(1), capture_output=True, text=True,
+                          cwd=multidevice.REPO, timeout=timeout, check=False)
+
+  train = ['--benchmarks=train', '--models=Mixer-S_32', '--image_sizes=64', '--batch_sizes=4',
+           '--steps=1', '--repeats=1', f'--out={out}']
+  done = bench(*train, '--ablate=none,gelu+layernorm+transpose', timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   records = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r['ablate'] for r in records] == ['none', 'gelu+layernorm+transpose']
@@ -155,15 +158,11 @@ def test_run_cli_ablates_the_train_step_and_refuses_unknown_ablations(tmp_path):
   header = next(line for line in done.stdout.splitlines() if line.lstrip().startswith('model'))
   assert 'ablated' in header.split()
   assert 'gelu+layernorm+transpose' in done.stdout
-  refused = subprocess.run(command + ['--ablate=none,softmax'], env=multidevice.subprocess_env(1),
-                           capture_output=True, text=True, cwd=multidevice.REPO, timeout=120,
-                           check=False)
+  refused = bench(*train, '--ablate=none,softmax')
   assert refused.returncode == 2
   assert refused.stderr.splitlines()[-1].startswith('error: --ablate takes none or names from')
   assert "got 'softmax'" in refused.stderr
-  unused = subprocess.run(command[:3] + ['--benchmarks=compile', '--ablate=gelu'],
-                          env=multidevice.subprocess_env(1), capture_output=True, text=True,
-                          cwd=multidevice.REPO, timeout=120, check=False)
+  unused = bench('--benchmarks=compile', '--ablate=gelu')
   assert unused.returncode == 2 and unused.stderr.splitlines()[-1] == (
       'error: --ablate applies to forward, train and profile only; add one of them to '
       '--benchmarks or drop --ablate.')
